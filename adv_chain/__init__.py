@@ -1,0 +1,20 @@
+"""adv_chain: optimizers as chains of small gradient transforms.
+
+>>> import torch, adv_chain as ac
+>>> opt = ac.ChainOptimizer(torch.nn.Linear(3, 1).parameters(), "adamw", lr=1e-3, weight_decay=0.01)
+"""
+from . import optim, presets
+from ._core.chain import Chain, chain, chain_from_config, named
+from ._core.optimizer import ChainOptimizer
+from ._core.transform import HParam, StateSpec, Transform
+from .transforms import (add_l2, apply, clip_by_global_norm, clip_by_value, eps_divide, kahan_apply, momentum,
+                         negate, scale_by_adam, scale_by_lion, sign, stochastic_round_apply, weight_decay)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Chain", "ChainOptimizer", "HParam", "StateSpec", "Transform", "chain", "chain_from_config", "named",
+    "optim", "presets",
+    "add_l2", "apply", "clip_by_global_norm", "clip_by_value", "eps_divide", "kahan_apply", "momentum", "negate",
+    "scale_by_adam", "scale_by_lion", "sign", "stochastic_round_apply", "weight_decay",
+]

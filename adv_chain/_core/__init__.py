@@ -1,0 +1,1 @@
+"""The chain core: transform protocol, chain value, plan, bucket, numerics and ChainOptimizer."""

@@ -1,0 +1,99 @@
+"""The bucket: what a transform's ``update(b)`` sees.
+
+A bucket is a set of same-device, same-dtype parameters of one param group at the same step, or a
+cache-sized slice of them (flat views of a few tensors, so that every elementwise transform of the
+chain runs on data still in cache). All lists are aligned: ``b.params[i]``, ``b.u[i]``,
+``b.state("exp_avg")[i]`` refer to the same elements.
+
+* ``b.params`` - the parameters (any float dtype; written only by the terminal).
+* ``b.u`` - the update direction, fp32. Before the first non-gradient transform it *is* the
+  gradient; gradient-stage transforms modify it with ``b.own_u()`` (copy-on-write, the user's
+  ``.grad`` is never written).
+* ``b.grads`` - the reference gradient (fp32): ``u`` as it left the gradient stage, frozen.
+* ``b.state(key)`` - the calling transform's own state list.
+* ``b.s(name)`` - the calling transform's scalars: a Python number in eager mode, a 0-d tensor
+  under ``compile=True``; either works with the helpers in :mod:`adv_chain._core.foreach`.
+* ``b.signals`` - per-step values published by one transform for a later one (``"denom"``).
+* ``b.decay_coef`` / ``b.decay`` - decay the terminal applies: ``p * (1 - decay_coef) - decay``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+Tensors = list[torch.Tensor]
+
+
+class Bucket:
+    __slots__ = ("params", "u", "grads", "signals", "decay_coef", "decay", "_u_owned", "_states",
+                 "_scalars", "_current", "offsets", "noise_keys", "_frozen")
+
+    def __init__(self, params: Tensors, u: Tensors, states: Mapping[str, Mapping[str, Tensors]],
+                 scalars: Mapping[str, Mapping[str, Any]], *, grads: Tensors | None = None,
+                 u_owned: bool = False, offsets: list[Any] | None = None,
+                 noise_keys: list[Any] | None = None) -> None:
+        self.params = params
+        self.u = u
+        self.grads = u if grads is None else grads
+        self._u_owned = u_owned
+        self._frozen = grads is not None
+        self.signals: dict[str, Any] = {}
+        self.decay_coef: Any = 0.0
+        self.decay: Tensors | None = None
+        self._states = states
+        self._scalars = scalars
+        self._current = ""
+        self.offsets = offsets
+        self.noise_keys = noise_keys
+
+    @property
+    def frozen(self) -> bool:
+        """True once the reference gradient ``grads`` is fixed (after the gradient stage)."""
+        return self._frozen
+
+    # -- executor hooks ----------------------------------------------------------------------------
+    def enter(self, transform_name: str, stage: str) -> None:
+        self._current = transform_name
+        if stage not in ("gradient", "any") and not self._frozen:
+            self.grads = self.u
+            self._frozen = True
+            self._u_owned = False  # writes to u must now leave the reference gradient intact
+
+    # -- what transforms use -----------------------------------------------------------------------
+    def state(self, key: str) -> Tensors:
+        return self._states[self._current][key]
+
+    def s(self, name: str) -> Any:
+        return self._scalars[self._current][name]
+
+    def own_u(self) -> Tensors:
+        """``u`` as a list this transform may modify in place."""
+        if not self._u_owned:
+            self.u = [x.to(torch.float32, copy=True) for x in self.u]
+            self._u_owned = True
+        return self.u
+
+    def set_u(self, new_u: Tensors, *, owned: bool = True) -> None:
+        """Replace ``u``: ``owned=True`` for fresh fp32 temporaries, ``False`` when ``new_u`` aliases
+        state (a later in-place write then copies first)."""
+        self.u = new_u
+        self._u_owned = owned
+
+    def add_decay(self, terms: Tensors) -> None:
+        if self.decay is None:
+            self.decay = terms
+        else:
+            torch._foreach_add_(self.decay, terms)
+
+    def add_decay_coef(self, coef: Any) -> None:
+        self.decay_coef = self.decay_coef + coef
+
+
+def run_transforms(transforms: tuple, b: Bucket) -> None:
+    for t in transforms:
+        b.enter(t.name, t.stage)
+        t.update(b)
+
+
+SegmentKernel = Callable[..., None]

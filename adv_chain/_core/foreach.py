@@ -1,0 +1,55 @@
+"""Multi-tensor helpers that accept a scalar as a Python number (eager) or a 0-d tensor (compiled).
+
+torch's ``_foreach_*`` ops take Python scalars fastest; under ``torch.compile`` the scalars arrive
+as cached 0-d tensors so that a scheduler changing ``lr`` never triggers a recompilation. A few ops
+have no 0-d tensor overload; these helpers route around that so transforms are written once.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+Tensors = list[torch.Tensor]
+
+
+def is_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def is_zero(x: Any) -> bool:
+    """True only for a host scalar equal to 0 (a tensor scalar is never treated as a known zero)."""
+    return not is_tensor(x) and x == 0
+
+
+def is_one(x: Any) -> bool:
+    return not is_tensor(x) and x == 1
+
+
+def addcmul_(xs: Tensors, a: Tensors, b: Tensors, value: Any) -> None:
+    """xs += value * a * b"""
+    if is_tensor(value):
+        torch._foreach_addcmul_(xs, torch._foreach_mul(a, value), b)
+    else:
+        torch._foreach_addcmul_(xs, a, b, value=value)
+
+
+def add_scaled_(xs: Tensors, ys: Tensors, alpha: Any) -> None:
+    """xs += alpha * ys"""
+    if is_tensor(alpha):
+        torch._foreach_add_(xs, torch._foreach_mul(ys, alpha))
+    elif alpha != 0:
+        torch._foreach_add_(xs, ys, alpha=alpha)
+
+
+def lerp_(xs: Tensors, ys: Tensors, weight: Any) -> None:
+    """xs += weight * (ys - xs)"""
+    if is_tensor(weight):
+        torch._foreach_lerp_(xs, ys, [weight] * len(xs))
+    else:
+        torch._foreach_lerp_(xs, ys, weight)
+
+
+def scale_(xs: Tensors, factor: Any) -> None:
+    if not is_one(factor):
+        torch._foreach_mul_(xs, factor)

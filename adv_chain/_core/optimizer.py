@@ -1,0 +1,459 @@
+"""``ChainOptimizer``: any complete chain as a real ``torch.optim.Optimizer``."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from . import checks
+from .chain import Chain
+from .numerics import noise_key
+from .plan import LOW_PRECISION, Segment, build_plan, flat_view, segment_body
+from .transform import HostView, StateSpec, Transform
+
+_STATE_DTYPES = ("fp32", "param")
+# elementwise segments run on groups of flat slices: at most PIECE elements per slice and about
+# GROUP elements per group (a few MB of fp32 per state stream: resident in L2/L3 while the whole
+# chain runs on it). Measured in benchmarks/step_time.py.
+DEFAULT_PIECE = 1 << 17
+DEFAULT_GROUP = 1 << 20
+
+
+class _Work:
+    """One bucket for one step: params of one group sharing device, dtype and step number."""
+
+    __slots__ = ("group_index", "params", "grads", "indices", "step", "hps", "scalars", "states",
+                 "noise_keys", "full_u", "full_g")
+
+    def __init__(self, group_index: int, step: int) -> None:
+        self.group_index = group_index
+        self.step = step
+        self.params: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.indices: list[int] = []
+        self.full_u: list[torch.Tensor] | None = None
+        self.full_g: list[torch.Tensor] | None = None
+
+
+class ChainOptimizer(torch.optim.Optimizer):
+    """Run a complete chain (or a preset by name) as a ``torch.optim.Optimizer``.
+
+    Args:
+        params: parameters or param groups. A group may override any hyperparameter of any
+            transform: the plain keys torch schedulers write (``lr``, ``betas``, ``momentum``,
+            ``weight_decay``, ``eps``) or a namespaced key ``"<transform name>.<argument>"``
+            (``"adam.betas"``), which wins over the plain one.
+        chain: a :class:`Chain` ending in a terminal, or a preset name (``"adamw"``); extra keyword
+            arguments go to the preset.
+        lr: learning rate (``group["lr"]``, read at every step, so every LR scheduler works).
+        compile: ``True`` (or a dict of ``torch.compile`` keyword arguments) compiles the chain's
+            segment kernels; hyperparameters reach them as cached 0-d tensors, so changing ``lr``
+            never recompiles. State allocation stays eager.
+        state_dtype: ``"fp32"`` (default: moments in fp32 even for bf16/fp16 params) or ``"param"``
+            (torch's behaviour: state in the parameter dtype).
+        chunk_elems: elements per cache-sized group of an elementwise segment (tuning knob).
+
+    State lives in ``optimizer.state[p]`` as a flat dict with keys ``"<transform>/<key>"`` plus
+    ``"step"``; ``state_dict``/``load_state_dict`` round-trip it with its declared dtypes.
+
+    >>> import torch, adv_chain as ac
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = ac.ChainOptimizer(model.parameters(), ac.chain(
+    ...     ac.scale_by_adam(), ac.eps_divide(1e-8), ac.weight_decay(0.01), ac.apply()), lr=1e-3)
+    >>> model(torch.randn(8, 4)).square().mean().backward()
+    >>> opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, params: Iterable[Any], chain: "Chain | str" = "adamw", lr: float = 1e-3, *,
+                 compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32",
+                 chunk_elems: int = DEFAULT_GROUP, **preset_kwargs: Any) -> None:
+        if isinstance(chain, str):
+            from ..presets import get as get_preset
+            chain = get_preset(chain, **preset_kwargs)
+        elif preset_kwargs:
+            raise TypeError(f"ChainOptimizer got unexpected keyword argument(s) {sorted(preset_kwargs)}; "
+                            "keywords other than lr/compile/state_dtype/chunk_elems only apply to a preset name")
+        if not isinstance(chain, Chain):
+            raise TypeError(f"ChainOptimizer: chain must be an adv_chain Chain or a preset name, got {type(chain).__name__}")
+        if not chain.is_complete:
+            raise ValueError("ChainOptimizer: the chain has no terminal; end it with ac.apply(), "
+                             "ac.stochastic_round_apply() or ac.kahan_apply()")
+        checks.nonneg("ChainOptimizer", "lr", lr)
+        checks.choice("ChainOptimizer", "state_dtype", state_dtype, _STATE_DTYPES)
+        if not isinstance(chunk_elems, int) or chunk_elems < 1024:
+            raise ValueError(f"ChainOptimizer: chunk_elems={chunk_elems!r} must be an int >= 1024")
+        if not (isinstance(compile, bool) or isinstance(compile, Mapping)):
+            raise ValueError(f"ChainOptimizer: compile={compile!r} must be True, False or a dict of torch.compile options")
+        self.chain = chain
+        self.state_dtype = state_dtype
+        self._group_elems = chunk_elems
+        self._piece_elems = min(DEFAULT_PIECE, chunk_elems)
+        self._plan: tuple[Segment, ...] = build_plan(chain.transforms)
+        self._terminal = chain.transforms[-1]
+        self._compile_options = (dict(compile) if isinstance(compile, Mapping) else {}) if compile else None
+        self._kernels: dict[int, Callable[..., Any]] = {}
+        self._scalar_cache: dict[Any, tuple[Any, torch.Tensor]] = {}
+        self._ready: set[torch.Tensor] = set()
+        self._param_index: dict[torch.Tensor, int] = {}
+        #: per-step results of global transforms, e.g. ``step_info["clip_by_global_norm"]["total_norm"]``
+        self.step_info: dict[str, dict[str, torch.Tensor]] = {}
+        defaults: dict[str, Any] = {"lr": lr}
+        for t in chain.transforms:
+            for arg, spec in t.hparams.items():
+                if spec.group_key and spec.group_key not in defaults:
+                    defaults[spec.group_key] = t.args[arg]
+        super().__init__(params, defaults)
+
+    # -- construction-time checks ------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        for p in group["params"]:
+            if p.is_complex():
+                del self.param_groups[-1]
+                raise ValueError(f"ChainOptimizer: param group {gi} holds a complex parameter of shape {tuple(p.shape)}; "
+                                 "complex parameters are not supported, optimize torch.view_as_real(p) instead")
+            if not p.is_floating_point():
+                del self.param_groups[-1]
+                raise ValueError(f"ChainOptimizer: param group {gi} holds a {p.dtype} parameter; parameters must be floating point")
+        try:
+            self._resolve_all(group, gi)
+        except Exception:
+            del self.param_groups[-1]
+            raise
+        for p in group["params"]:
+            self._param_index.setdefault(p, len(self._param_index))
+
+    def _resolve_all(self, group: Mapping[str, Any], gi: int) -> dict[str, dict[str, Any]]:
+        """Resolved hyperparameters of every transform for one group (validated)."""
+        checks.nonneg(f"param group {gi}", "lr", group["lr"])
+        names = {t.name: t for t in self.chain.transforms}
+        for key in group:
+            if "." in key:
+                tname, _, arg = key.partition(".")
+                t = names.get(tname)
+                if t is None or arg not in t.hparams:
+                    known = sorted(f"{t.name}.{a}" for t in self.chain.transforms for a in t.hparams)
+                    raise ValueError(f"param group {gi}: unknown hyperparameter {key!r}; this chain's namespaced "
+                                     f"hyperparameters are {known}")
+        out = {}
+        for t in self.chain.transforms:
+            hp = dict(t.args)
+            for arg, spec in t.hparams.items():
+                ns = f"{t.name}.{arg}"
+                if ns in group:
+                    value = group[ns]
+                elif spec.group_key is not None and spec.group_key in group:
+                    value = group[spec.group_key]
+                else:
+                    continue
+                if value is not t.args[arg] and spec.check is not None:
+                    value = spec.check(f"param group {gi} ({t.name})", arg, value)
+                hp[arg] = value
+            out[t.name] = hp
+        return out
+
+    # -- state -------------------------------------------------------------------------------------
+    def _state_dtype(self, spec: StateSpec, p: torch.Tensor) -> torch.dtype:
+        if isinstance(spec.dtype, torch.dtype):
+            return spec.dtype
+        if spec.dtype == "param" or self.state_dtype == "param":
+            return p.dtype
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    def _specs(self, p: torch.Tensor, hps: Mapping[str, Mapping[str, Any]]) -> dict[str, StateSpec]:
+        out = {}
+        for t in self.chain.transforms:
+            for key, spec in t.state_specs(p, hps[t.name]).items():
+                out[f"{t.name}/{key}"] = spec
+        return out
+
+    def _init_state(self, p: torch.Tensor, hps: Mapping[str, Mapping[str, Any]]) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+        for key, spec in self._specs(p, hps).items():
+            if key in state:
+                continue
+            dtype = self._state_dtype(spec, p)
+            if spec.init == "param":
+                state[key] = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(p.detach())
+            else:
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        self._ready.add(p)
+
+    def init_state(self) -> None:
+        """Allocate every state tensor now (otherwise it happens on a parameter's first step)."""
+        for gi, group in enumerate(self.param_groups):
+            hps = self._resolve_all(group, gi)
+            for p in group["params"]:
+                if p not in self._ready:
+                    self._init_state(p, hps)
+
+    # -- the step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        works = self._collect()
+        if works:
+            self._run(works)
+        return loss
+
+    def _collect(self) -> list[_Work]:
+        needs_noise = getattr(self._terminal, "needs_noise", False)
+        works: dict[Any, _Work] = {}
+        for gi, group in enumerate(self.param_groups):
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if not with_grad:
+                continue
+            hps = self._resolve_all(group, gi)
+            for p in with_grad:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"ChainOptimizer: parameter {self._param_index[p]} (shape {tuple(p.shape)}, "
+                                       f"group {gi}) has a sparse gradient; adv_chain supports dense gradients only")
+                if p not in self._ready:
+                    self._init_state(p, hps)
+            steps = [self.state[p]["step"] for p in with_grad]
+            torch._foreach_add_(steps, 1.0)
+            for p, s in zip(with_grad, steps):
+                step = int(s)  # a CPU tensor (torch's non-capturable convention): no device sync
+                key = (gi, p.device, p.dtype, step)
+                w = works.get(key)
+                if w is None:
+                    w = works[key] = _Work(gi, step)
+                    w.hps = hps
+                w.params.append(p)
+                g = p.grad
+                if g.stride() != p.stride():
+                    g = torch.empty_like(p, dtype=g.dtype, memory_format=torch.preserve_format).copy_(g)
+                w.grads.append(g)
+                w.indices.append(self._param_index[p])
+        out = list(works.values())
+        for w in out:
+            group = self.param_groups[w.group_index]
+            lr = group["lr"]
+            w.scalars = {t.name: t.host_scalars(HostView(w.hps[t.name], w.step, lr)) for t in self.chain.transforms}
+            w.states = {t.name: {} for t in self.chain.transforms}
+            for key in self.state[w.params[0]]:
+                if "/" in key:
+                    tname, _, sub = key.partition("/")
+                    if tname in w.states:
+                        w.states[tname][sub] = [self.state[p][key] for p in w.params]
+            w.noise_keys = ([noise_key(self._terminal.args["seed"], w.step, i) for i in w.indices]
+                            if needs_noise else None)
+        return out
+
+    def _run(self, works: list[_Work]) -> None:
+        for si, seg in enumerate(self._plan):
+            if seg.barrier is not None:
+                self._barrier(seg.barrier, works)
+            for w in works:
+                if seg.whole:
+                    self._run_whole(si, seg, w)
+                else:
+                    self._run_chunked(si, seg, w)
+
+    def _barrier(self, t: Transform, works: list[_Work]) -> None:
+        from .bucket import Bucket
+        partials = []
+        for w in works:
+            u = w.full_u if w.full_u is not None else w.grads
+            b = Bucket(w.params, u, w.states, w.scalars)
+            b.enter(t.name, t.stage)
+            partials.append(t.reduce(b))
+        result = t.finalize(partials, works[0].hps[t.name])
+        self.step_info[t.name] = result
+        for w in works:
+            dev = w.params[0].device
+            w.scalars[t.name] = {**w.scalars[t.name], **{k: v.to(dev) for k, v in result.items()}}
+
+    def _kernel(self, si: int) -> Callable[..., Any]:
+        if self._compile_options is None:
+            return segment_body
+        kernel = self._kernels.get(si)
+        if kernel is None:
+            options = {"dynamic": True, **self._compile_options}
+            kernel = self._kernels[si] = torch.compile(segment_body, **options)
+        return kernel
+
+    def _tensor_scalars(self, w: _Work, seg: Segment) -> dict[str, dict[str, Any]]:
+        """Host scalars as cached 0-d tensors on the bucket's device (filled in place when a value
+        changes), so compiled kernels see stable inputs; static scalars stay Python values."""
+        dev = w.params[0].device
+        out = {}
+        for t in seg.transforms:
+            vals = {}
+            for name, v in w.scalars[t.name].items():
+                if name in t.static_scalars or isinstance(v, (bool, torch.Tensor)):
+                    vals[name] = v
+                    continue
+                key = (w.group_index, dev, w.params[0].dtype, t.name, name)
+                cached = self._scalar_cache.get(key)
+                if cached is None:
+                    tensor = torch.tensor(float(v), dtype=torch.float32, device=dev)
+                    self._scalar_cache[key] = (v, tensor)
+                else:
+                    old, tensor = cached
+                    if old != v:
+                        tensor.fill_(v)
+                        self._scalar_cache[key] = (v, tensor)
+                vals[name] = tensor
+            out[t.name] = vals
+        return out
+
+    def _key_tensors(self, w: _Work) -> list[torch.Tensor] | None:
+        if w.noise_keys is None:
+            return None
+        out = []
+        for p, k in zip(w.params, w.noise_keys):
+            cached = self._scalar_cache.get(("noise", p))
+            if cached is None:
+                cached = (k, torch.tensor(k, dtype=torch.int32, device=p.device))
+            elif cached[0] != k:
+                cached[1].fill_(k)
+                cached = (k, cached[1])
+            self._scalar_cache[("noise", p)] = cached
+            out.append(cached[1])
+        return out
+
+    def _seg_states(self, seg: Segment, w: _Work) -> dict[str, dict[str, list[torch.Tensor]]]:
+        return {t.name: w.states[t.name] for t in seg.transforms}
+
+    def _run_chunked(self, si: int, seg: Segment, w: _Work) -> None:
+        source = w.full_u if w.full_u is not None else w.grads
+        owned = w.full_u is not None
+        states = self._seg_states(seg, w)
+        kernel = self._kernel(si)
+        if self._compile_options is not None:
+            scalars = self._tensor_scalars(w, seg)
+            keys = self._key_tensors(w)
+            for i in range(len(w.params)):
+                pieces = [(i, None, None)]
+                self._run_pieces(kernel, seg, w, pieces, source, owned, states, scalars, keys)
+            return
+        pieces = []
+        total = 0
+        for i, p in enumerate(w.params):
+            n = p.numel()
+            if flat_view(p) is None or n <= self._piece_elems:
+                pieces.append((i, None, None))
+                total += n
+            else:
+                for start in range(0, n, self._piece_elems):
+                    pieces.append((i, start, min(n, start + self._piece_elems)))
+                    total += min(n, start + self._piece_elems) - start
+                    if total >= self._group_elems:
+                        self._run_pieces(kernel, seg, w, pieces, source, owned, states, w.scalars, w.noise_keys)
+                        pieces, total = [], 0
+                continue
+            if total >= self._group_elems:
+                self._run_pieces(kernel, seg, w, pieces, source, owned, states, w.scalars, w.noise_keys)
+                pieces, total = [], 0
+        if pieces:
+            self._run_pieces(kernel, seg, w, pieces, source, owned, states, w.scalars, w.noise_keys)
+
+    def _run_pieces(self, kernel: Callable[..., Any], seg: Segment, w: _Work, pieces: list[tuple[int, Any, Any]],
+                    source: list[torch.Tensor], owned: bool, states: dict[str, dict[str, list[torch.Tensor]]],
+                    scalars: dict[str, dict[str, Any]], keys: list[Any] | None) -> None:
+        whole = seg.whole
+
+        def cut(x: torch.Tensor, start: Any, end: Any) -> torch.Tensor:
+            if start is None:
+                v = None if whole else flat_view(x)
+                return x if v is None else v
+            return flat_view(x)[start:end]
+
+        params = [cut(w.params[i], s, e) for i, s, e in pieces]
+        grads = [cut(source[i], s, e) for i, s, e in pieces]
+        ref = [cut(w.full_g[i], s, e) for i, s, e in pieces] if w.full_g is not None else None
+        piece_states = {tname: {k: [cut(lst[i], s, e) for i, s, e in pieces] for k, lst in d.items()}
+                        for tname, d in states.items()}
+        offsets = [0 if s is None else s for _, s, _ in pieces]
+        piece_keys = [keys[i] for i, _, _ in pieces] if keys is not None else None
+        out = kernel(seg.transforms, params, grads, ref, piece_states, scalars, owned, offsets, piece_keys,
+                     seg.materialize)
+        if seg.materialize:
+            self._store_full(w, pieces, cut, out)
+
+    def _store_full(self, w: _Work, pieces: list[tuple[int, Any, Any]], cut: Callable[..., torch.Tensor],
+                    out: tuple[list[torch.Tensor], list[torch.Tensor] | None]) -> None:
+        u, ref = out
+        if w.full_u is None:
+            w.full_u = [torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                        for p in w.params]
+        torch._foreach_copy_([cut(w.full_u[i], s, e) for i, s, e in pieces], u)
+        if ref is not None:
+            if w.full_g is None:
+                w.full_g = [torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                            for p in w.params]
+            torch._foreach_copy_([cut(w.full_g[i], s, e) for i, s, e in pieces], ref)
+
+    def _run_whole(self, si: int, seg: Segment, w: _Work) -> None:
+        source = w.full_u if w.full_u is not None else w.grads
+        scalars = self._tensor_scalars(w, seg) if self._compile_options is not None else w.scalars
+        keys = self._key_tensors(w) if self._compile_options is not None else w.noise_keys
+        pieces = [(i, None, None) for i in range(len(w.params))]
+        self._run_pieces(self._kernel(si), seg, w, pieces, source, w.full_u is not None,
+                         self._seg_states(seg, w), scalars, keys)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Load a ``state_dict``; state tensors keep their saved dtypes (fp32 moments stay fp32 with
+        bf16 params, integer state stays integer). A checkpoint from a different chain raises a
+        ``ValueError`` listing the differing keys; ``strict=False`` loads the keys both chains share
+        and initializes the rest on the next step."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"load_state_dict: the checkpoint has {len(saved_groups)} param groups, the optimizer "
+                             f"has {len(self.param_groups)}")
+        id_to_param: dict[Any, torch.Tensor] = {}
+        id_to_group: dict[Any, int] = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"load_state_dict: param group {gi} has {len(saved['params'])} params in the "
+                                 f"checkpoint and {len(group['params'])} in the optimizer")
+            for sid, p in zip(saved["params"], group["params"]):
+                id_to_param[sid] = p
+                id_to_group[sid] = gi
+        kept: dict[Any, dict[str, Any]] = {}
+        for sid, st in state_dict["state"].items():
+            p = id_to_param.get(sid)
+            if p is None:
+                continue
+            gi = id_to_group[sid]
+            merged = {**self.param_groups[gi], **{k: v for k, v in saved_groups[gi].items() if k != "params"}}
+            expected = set(self._specs(p, self._resolve_all(merged, gi))) | {"step"}
+            extra, missing = set(st) - expected, expected - set(st)
+            if strict and (extra or missing):
+                raise ValueError(
+                    f"load_state_dict: the checkpoint was written by a different chain: parameter {sid} has keys "
+                    f"{sorted(extra)} this chain does not use and lacks {sorted(missing)}; pass strict=False to "
+                    "load the keys both chains share and initialize the rest")
+            kept[sid] = {k: v for k, v in st.items() if k in expected}
+        filtered = {**state_dict, "state": kept}
+        super().load_state_dict(filtered)
+        # torch casts every floating state tensor to the param dtype: put back the saved tensors
+        # (copied, so continuing training never mutates the caller's state_dict)
+        for sid, st in kept.items():
+            p = id_to_param[sid]
+            restored = {}
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    if k == "step":
+                        v = v.detach().to(device="cpu", dtype=torch.float32, copy=True)
+                    elif v.shape == p.shape and v.stride() != p.stride():
+                        v = torch.empty_like(p, dtype=v.dtype, memory_format=torch.preserve_format).copy_(v)
+                    else:
+                        v = v.detach().to(device=p.device, copy=True)
+                restored[k] = v
+            self.state[p] = restored
+        self._ready.clear()
+        self._scalar_cache.clear()
+
+    def __repr__(self) -> str:
+        return f"ChainOptimizer(lr={self.defaults['lr']}, chain={self.chain!r})"
+

@@ -1,0 +1,78 @@
+"""Execution plan: a chain split into segments, and the segment body shared by eager and compiled runs.
+
+A *segment* is a run of transforms executed together on one slice of data. Elementwise segments run
+on cache-sized groups of flat tensor slices (every transform of the segment on one group before the
+next group: torch's multi-tensor amortization with a loop's locality). A global transform starts a new
+segment: its ``reduce`` runs over every bucket, its ``finalize`` once, and its elementwise part joins
+the segment it starts. A tensor-scope transform is a segment of its own on whole tensors. When a
+segment is not the last, its output direction is materialized to full-size fp32 tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .bucket import Bucket, run_transforms
+from .transform import Transform
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Segment:
+    transforms: tuple[Transform, ...]
+    barrier: Transform | None  # a global transform whose reduce/finalize runs before this segment
+    whole: bool                # tensor scope: runs on whole, param-shaped tensors
+    materialize: bool          # the next segment needs this one's output at full size
+
+
+def build_plan(transforms: tuple[Transform, ...]) -> tuple[Segment, ...]:
+    raw: list[tuple[list[Transform], Transform | None, bool]] = []
+    current: list[Transform] = []
+    barrier: Transform | None = None
+    for t in transforms:
+        if t.scope == "global":
+            if current:
+                raw.append((current, barrier, False))
+            current, barrier = [t], t
+        elif t.scope == "tensor":
+            if current:
+                raw.append((current, barrier, False))
+            raw.append(([t], None, True))
+            current, barrier = [], None
+        else:
+            current.append(t)
+    if current:
+        raw.append((current, barrier, False))
+    return tuple(Segment(tuple(ts), bar, whole, i < len(raw) - 1) for i, (ts, bar, whole) in enumerate(raw))
+
+
+def segment_body(transforms: tuple[Transform, ...], params: list[torch.Tensor], grads: list[torch.Tensor],
+                 ref_grads: list[torch.Tensor] | None, states: dict[str, dict[str, list[torch.Tensor]]],
+                 scalars: dict[str, dict[str, Any]], u_owned: bool, offsets: list[Any],
+                 noise_keys: list[Any] | None, materialize: bool) -> Any:
+    """Run ``transforms`` on aligned lists; the same function runs eagerly or under ``torch.compile``.
+
+    Low-precision gradients are promoted to fp32 here, so the math never runs in bf16/fp16.
+    Returns ``(u, reference_grads_or_None)`` when ``materialize`` is set, else ``None``.
+    """
+    if grads[0].dtype in LOW_PRECISION:
+        grads = [g.float() for g in grads]
+        u_owned = True
+    b = Bucket(params, grads, states, scalars, grads=ref_grads, u_owned=u_owned, offsets=offsets,
+               noise_keys=noise_keys)
+    run_transforms(transforms, b)
+    if materialize:
+        return b.u, (b.grads if b.frozen else None)
+    return None
+
+
+def flat_view(x: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D view over all elements of ``x`` in memory order, or ``None`` if ``x`` is not dense."""
+    if x.is_contiguous():
+        return x.view(-1)
+    if x.is_non_overlapping_and_dense():
+        return x.as_strided((x.numel(),), (1,), x.storage_offset())
+    return None

@@ -1,0 +1,181 @@
+"""The transform protocol: what every part of a chain declares.
+
+A transform is a small immutable object holding configuration only (never tensors). It declares
+
+* ``name``: its namespace for state keys (``"adam/exp_avg"``) and param-group overrides (``"adam.betas"``);
+* ``stage``: where it sits in a chain (gradient -> hyper -> moment -> normalize -> mask -> scale -> decay -> apply);
+* ``reads`` / ``writes``: the streams and signals it uses (``"update"``, ``"grad"``, ``"param"``, ``"sig:denom"``);
+* ``hparams``: which constructor arguments are runtime hyperparameters a param group may override, and
+  which plain param-group key (``"lr"``, ``"betas"``, ``"weight_decay"``...) feeds them;
+* ``state_specs(param, hp)``: its per-parameter state (shape, dtype policy, kind, factorable);
+* ``scope``: ``"elementwise"`` (runs on any slice of a tensor), ``"tensor"`` (needs whole tensors) or
+  ``"global"`` (needs a reduction over every parameter first: ``reduce`` per bucket, ``finalize`` once).
+
+``host_scalars(h)`` turns resolved hyperparameters and the step number into the plain numbers the
+kernel uses (bias corrections, ``1 - beta``...), on the host, once per bucket and step. ``update(b)``
+then acts on whole lists of tensors of a :class:`~adv_chain._core.bucket.Bucket` with ``torch._foreach_*``.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+
+# "any" marks a transform that may sit anywhere (e.g. value clipping of gradients or of updates)
+STAGES = ("gradient", "hyper", "moment", "normalize", "mask", "scale", "decay", "apply", "any")
+SCOPES = ("elementwise", "tensor", "global")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+_REGISTRY: dict[str, type["Transform"]] = {}
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One per-parameter state tensor a transform owns.
+
+    ``dtype``: ``"state"`` follows the optimizer's ``state_dtype`` policy (fp32 by default, even for
+    bf16 params), ``"param"`` is the parameter's dtype, or an explicit ``torch.dtype``.
+    ``init``: ``"zeros"`` or ``"param"`` (a copy of the parameter). ``kind``: ``"signed"``,
+    ``"nonneg"`` or ``"any"``; with ``factorable`` it tells a state-compressing wrapper what it may do.
+    """
+
+    dtype: Any = "state"
+    init: str = "zeros"
+    kind: str = "any"
+    factorable: bool = False
+
+
+@dataclass(frozen=True)
+class HParam:
+    """A runtime hyperparameter: ``group_key`` is the plain param-group key that feeds it (torch
+    schedulers write ``lr``, ``betas``, ``momentum``, ``weight_decay``); ``check(owner, arg, value)``
+    validates and normalizes a value, raising ``ValueError`` that names the argument and the range."""
+
+    group_key: str | None = None
+    check: Callable[[str, str, Any], Any] | None = None
+
+
+def _to_config_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_config_value(v) for v in value]
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+class Transform:
+    """Base class of every transform (see the module docstring for the protocol)."""
+
+    type_name: ClassVar[str] = ""
+    default_name: ClassVar[str] = ""
+    stage: ClassVar[str] = "moment"
+    scope: ClassVar[str] = "elementwise"
+    reads: ClassVar[frozenset[str]] = frozenset({"update"})
+    writes: ClassVar[frozenset[str]] = frozenset({"update"})
+    consumes: ClassVar[frozenset[str]] = frozenset()
+    terminal: ClassVar[bool] = False
+    hparams: ClassVar[Mapping[str, HParam]] = {}
+    #: scalar names from host_scalars that stay Python values under compile (changing them recompiles)
+    static_scalars: ClassVar[frozenset[str]] = frozenset()
+    #: type names of transforms this one cannot share a chain with
+    excludes: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.type_name:
+            assert cls.stage in STAGES and cls.scope in SCOPES, cls
+            _REGISTRY[cls.type_name] = cls
+
+    def __init__(self, *, name: str | None = None, **args: Any) -> None:
+        name = self.default_name if name is None else name
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ValueError(
+                f"{self.type_name}: name={name!r} is not a valid transform name; use lowercase letters, "
+                "digits and '_' starting with a letter (e.g. 'adam2')")
+        for arg, spec in self.hparams.items():
+            if spec.check is not None and arg in args:
+                args[arg] = spec.check(self.type_name, arg, args[arg])
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "args", dict(args))
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable; build a new one or use Chain.replace")
+
+    # -- value semantics -------------------------------------------------------------------------
+    @classmethod
+    def signature_defaults(cls) -> dict[str, Any]:
+        sig = inspect.signature(cls.__init__)
+        return {k: p.default for k, p in sig.parameters.items()
+                if k not in ("self", "name") and p.default is not inspect.Parameter.empty}
+
+    def non_default_args(self) -> dict[str, Any]:
+        defaults = self.signature_defaults()
+        return {k: v for k, v in self.args.items() if k not in defaults or defaults[k] != v
+                and not (isinstance(defaults[k], (list, tuple)) and tuple(defaults[k]) == v)}
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.non_default_args().items())
+        text = f"{self.type_name}({inner})"
+        return text if self.name == self.default_name else f"named({self.name!r}, {text})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.name == other.name and self.args == other.args
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.name, repr(sorted(self.args.items()))))
+
+    def renamed(self, name: str) -> "Transform":
+        return type(self)(name=name, **self.args)
+
+    def with_args(self, **changes: Any) -> "Transform":
+        unknown = set(changes) - set(self.args)
+        if unknown:
+            raise TypeError(f"{self.type_name} has no argument(s) {sorted(unknown)}; it takes {sorted(self.args)}")
+        return type(self)(name=self.name, **{**self.args, **changes})
+
+    def to_config(self) -> dict[str, Any]:
+        return {"type": self.type_name, "name": self.name,
+                "args": {k: _to_config_value(v) for k, v in self.args.items()}}
+
+    # -- protocol (overridden by subclasses) ------------------------------------------------------
+    def state_specs(self, param: torch.Tensor, hp: Mapping[str, Any]) -> dict[str, StateSpec]:
+        return {}
+
+    def host_scalars(self, h: "HostView") -> dict[str, Any]:
+        return {}
+
+    def update(self, b: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{self.type_name} defines no update")
+
+    # global scope only
+    def reduce(self, b: Any) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finalize(self, partials: list[torch.Tensor], hp: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+@dataclass
+class HostView:
+    """What ``host_scalars`` sees: resolved hyperparameters (plain Python values) for one param group,
+    the step number being taken (1 on the first step) and the group's learning rate."""
+
+    hp: Mapping[str, Any]
+    step: int
+    lr: float
+
+
+def transform_from_config(cfg: Mapping[str, Any]) -> Transform:
+    try:
+        cls = _REGISTRY[cfg["type"]]
+    except KeyError:
+        raise ValueError(f"unknown transform type {cfg.get('type')!r}; known: {sorted(_REGISTRY)}") from None
+    args = {k: (float(v) if v in ("inf", "-inf") else v) for k, v in dict(cfg.get("args", {})).items()}
+    return cls(name=cfg.get("name"), **args)
+
+
+def registered_transforms() -> dict[str, type[Transform]]:
+    return dict(_REGISTRY)

@@ -1,0 +1,9 @@
+"""Transforms grouped by kind of operation; every public one is re-exported by ``adv_chain``."""
+from .apply import apply, kahan_apply, stochastic_round_apply
+from .decay import weight_decay
+from .gradient import add_l2, clip_by_global_norm, clip_by_value, negate
+from .moments import momentum, scale_by_adam, scale_by_lion
+from .normalize import eps_divide, sign
+
+__all__ = ["apply", "kahan_apply", "stochastic_round_apply", "weight_decay", "add_l2", "clip_by_global_norm",
+           "clip_by_value", "negate", "momentum", "scale_by_adam", "scale_by_lion", "eps_divide", "sign"]

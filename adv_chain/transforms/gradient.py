@@ -1,0 +1,134 @@
+"""Gradient-stage transforms: they shape the gradient before any moment sees it.
+
+What leaves this stage is the *reference gradient* ``b.grads`` that later transforms (cautious masks,
+Grams) compare against. The user's ``p.grad`` is never modified.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from .._core import checks
+from .._core import foreach as F
+from .._core.transform import HParam, HostView, Transform
+
+
+class ClipByGlobalNorm(Transform):
+    """Scale all gradients by ``min(1, max_norm / (||g|| + 1e-6))``, ``||g||`` over every parameter of
+    every group, as ``torch.nn.utils.clip_grad_norm_`` does (global scope: a reduction, then one
+    scale). The total norm of the step is kept in ``optimizer.step_info[name]["total_norm"]``.
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.clip_by_global_norm(1.0), ac.scale_by_adam(), ac.eps_divide(), ac.apply()).names
+    ('clip_by_global_norm', 'adam', 'eps_divide', 'apply')
+    """
+
+    type_name = "clip_by_global_norm"
+    default_name = "clip_by_global_norm"
+    stage = "gradient"
+    scope = "global"
+    hparams = {"max_norm": HParam(None, checks.positive)}
+
+    def __init__(self, max_norm: float = 1.0, *, name: str | None = None) -> None:
+        super().__init__(name=name, max_norm=max_norm)
+
+    def reduce(self, b: Any) -> torch.Tensor:
+        norms = torch._foreach_norm(b.u, 2, dtype=torch.float32)
+        return torch.stack(norms).square().sum()
+
+    def finalize(self, partials: list[torch.Tensor], hp: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        device = partials[0].device
+        total = torch.stack([x.to(device) for x in partials]).sum().sqrt()
+        coef = (hp["max_norm"] / (total + 1e-6)).clamp(max=1.0)
+        return {"total_norm": total, "coef": coef}
+
+    def update(self, b: Any) -> None:
+        torch._foreach_mul_(b.own_u(), b.s("coef"))
+
+
+class ClipByValue(Transform):
+    """Clamp every coordinate of the direction to ``[-max_abs, max_abs]``. Position-free: before the
+    moments it clips gradients, after them it clips updates.
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.clip_by_value(0.5), ac.momentum(0.9), ac.apply()).names
+    ('clip_by_value', 'momentum', 'apply')
+    """
+
+    type_name = "clip_by_value"
+    default_name = "clip_by_value"
+    stage = "any"
+    hparams = {"max_abs": HParam(None, checks.positive)}
+    static_scalars = frozenset({"max_abs", "neg_max_abs"})
+
+    def __init__(self, max_abs: float = 1.0, *, name: str | None = None) -> None:
+        super().__init__(name=name, max_abs=max_abs)
+
+    def host_scalars(self, h: HostView) -> dict[str, Any]:
+        return {"max_abs": h.hp["max_abs"], "neg_max_abs": -h.hp["max_abs"]}
+
+    def update(self, b: Any) -> None:
+        if math.isinf(b.s("max_abs")):
+            return
+        u = b.own_u()
+        torch._foreach_clamp_min_(u, b.s("neg_max_abs"))
+        torch._foreach_clamp_max_(u, b.s("max_abs"))
+
+
+class AddL2(Transform):
+    """Coupled (L2) weight decay: ``g = g + weight_decay * p``, as ``torch.optim.SGD``/``Adam`` do.
+    For decoupled decay (AdamW) use :func:`weight_decay`. Fed by ``group["weight_decay"]``.
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.add_l2(1e-4), ac.momentum(0.9), ac.apply()).names
+    ('add_l2', 'momentum', 'apply')
+    """
+
+    type_name = "add_l2"
+    default_name = "add_l2"
+    stage = "gradient"
+    reads = frozenset({"update", "param"})
+    hparams = {"weight_decay": HParam("weight_decay", checks.nonneg)}
+
+    def __init__(self, weight_decay: float = 0.0, *, name: str | None = None) -> None:
+        super().__init__(name=name, weight_decay=weight_decay)
+
+    def host_scalars(self, h: HostView) -> dict[str, Any]:
+        return {"weight_decay": h.hp["weight_decay"]}
+
+    def update(self, b: Any) -> None:
+        wd = b.s("weight_decay")
+        if F.is_zero(wd):
+            return
+        u = b.own_u()
+        if F.is_tensor(wd) or b.params[0].dtype == torch.float32:
+            F.add_scaled_(u, b.params, wd)
+        else:
+            F.add_scaled_(u, [p.float() for p in b.params], wd)
+
+
+class Negate(Transform):
+    """``g = -g``: gradient ascent (torch's ``maximize=True``).
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.negate(), ac.apply()).names
+    ('negate', 'apply')
+    """
+
+    type_name = "negate"
+    default_name = "negate"
+    stage = "gradient"
+
+    def __init__(self, *, name: str | None = None) -> None:
+        super().__init__(name=name)
+
+    def update(self, b: Any) -> None:
+        torch._foreach_neg_(b.own_u())
+
+
+clip_by_global_norm = ClipByGlobalNorm
+clip_by_value = ClipByValue
+add_l2 = AddL2
+negate = Negate
