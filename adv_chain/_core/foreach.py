@@ -44,10 +44,18 @@ def add_scaled_(xs: Tensors, ys: Tensors, alpha: Any) -> None:
 
 def lerp_(xs: Tensors, ys: Tensors, weight: Any) -> None:
     """xs += weight * (ys - xs)"""
-    if is_tensor(weight):
-        torch._foreach_lerp_(xs, ys, [weight] * len(xs))
+    if is_tensor(weight):  # the tensor-weight overload of _foreach_lerp_ does not fuse under compile
+        torch._foreach_add_(xs, torch._foreach_mul(torch._foreach_sub(ys, xs), weight))
     else:
         torch._foreach_lerp_(xs, ys, weight)
+
+
+def add_scalar_(xs: Tensors, value: Any) -> None:
+    """xs += value (the 0-d tensor overload of ``_foreach_add_`` would sync to the host)."""
+    if is_tensor(value):
+        torch._foreach_add_(xs, [value] * len(xs))
+    elif value != 0:
+        torch._foreach_add_(xs, value)
 
 
 def scale_(xs: Tensors, factor: Any) -> None:

@@ -8,7 +8,8 @@ import torch
 from . import checks
 from .chain import Chain
 from .numerics import noise_key
-from .plan import LOW_PRECISION, Segment, build_plan, flat_view, segment_body
+from .compile import layout_and_tensors, make_kernel
+from .plan import Segment, build_plan, flat_view, segment_body
 from .transform import HostView, StateSpec, Transform
 
 _STATE_DTYPES = ("fp32", "param")
@@ -16,7 +17,7 @@ _STATE_DTYPES = ("fp32", "param")
 # GROUP elements per group (a few MB of fp32 per state stream: resident in L2/L3 while the whole
 # chain runs on it). Measured in benchmarks/step_time.py.
 DEFAULT_PIECE = 1 << 17
-DEFAULT_GROUP = 1 << 20
+DEFAULT_GROUP = 1 << 18
 
 
 class _Work:
@@ -91,7 +92,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._plan: tuple[Segment, ...] = build_plan(chain.transforms)
         self._terminal = chain.transforms[-1]
         self._compile_options = (dict(compile) if isinstance(compile, Mapping) else {}) if compile else None
-        self._kernels: dict[int, Callable[..., Any]] = {}
+        self._kernels: dict[Any, Callable[..., Any]] = {}
         self._scalar_cache: dict[Any, tuple[Any, torch.Tensor]] = {}
         self._ready: set[torch.Tensor] = set()
         self._param_index: dict[torch.Tensor, int] = {}
@@ -271,14 +272,15 @@ class ChainOptimizer(torch.optim.Optimizer):
             dev = w.params[0].device
             w.scalars[t.name] = {**w.scalars[t.name], **{k: v.to(dev) for k, v in result.items()}}
 
-    def _kernel(self, si: int) -> Callable[..., Any]:
+    def _call(self, si: int, seg: Segment, *args: Any) -> Any:
+        """Run ``segment_body`` eagerly, or through the compiled kernel for this segment and layout."""
         if self._compile_options is None:
-            return segment_body
-        kernel = self._kernels.get(si)
+            return segment_body(seg.transforms, *args, seg.materialize)
+        layout, tensors = layout_and_tensors(*args, seg.materialize)
+        kernel = self._kernels.get((si, layout))
         if kernel is None:
-            options = {"dynamic": True, **self._compile_options}
-            kernel = self._kernels[si] = torch.compile(segment_body, **options)
-        return kernel
+            kernel = self._kernels[(si, layout)] = make_kernel(seg.transforms, layout, self._compile_options)
+        return kernel(*tensors)
 
     def _tensor_scalars(self, w: _Work, seg: Segment) -> dict[str, dict[str, Any]]:
         """Host scalars as cached 0-d tensors on the bucket's device (filled in place when a value
@@ -327,13 +329,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         source = w.full_u if w.full_u is not None else w.grads
         owned = w.full_u is not None
         states = self._seg_states(seg, w)
-        kernel = self._kernel(si)
         if self._compile_options is not None:
             scalars = self._tensor_scalars(w, seg)
             keys = self._key_tensors(w)
             for i in range(len(w.params)):
                 pieces = [(i, None, None)]
-                self._run_pieces(kernel, seg, w, pieces, source, owned, states, scalars, keys)
+                self._run_pieces(si, seg, w, pieces, source, owned, states, scalars, keys)
             return
         pieces = []
         total = 0
@@ -347,16 +348,16 @@ class ChainOptimizer(torch.optim.Optimizer):
                     pieces.append((i, start, min(n, start + self._piece_elems)))
                     total += min(n, start + self._piece_elems) - start
                     if total >= self._group_elems:
-                        self._run_pieces(kernel, seg, w, pieces, source, owned, states, w.scalars, w.noise_keys)
+                        self._run_pieces(si, seg, w, pieces, source, owned, states, w.scalars, w.noise_keys)
                         pieces, total = [], 0
                 continue
             if total >= self._group_elems:
-                self._run_pieces(kernel, seg, w, pieces, source, owned, states, w.scalars, w.noise_keys)
+                self._run_pieces(si, seg, w, pieces, source, owned, states, w.scalars, w.noise_keys)
                 pieces, total = [], 0
         if pieces:
-            self._run_pieces(kernel, seg, w, pieces, source, owned, states, w.scalars, w.noise_keys)
+            self._run_pieces(si, seg, w, pieces, source, owned, states, w.scalars, w.noise_keys)
 
-    def _run_pieces(self, kernel: Callable[..., Any], seg: Segment, w: _Work, pieces: list[tuple[int, Any, Any]],
+    def _run_pieces(self, si: int, seg: Segment, w: _Work, pieces: list[tuple[int, Any, Any]],
                     source: list[torch.Tensor], owned: bool, states: dict[str, dict[str, list[torch.Tensor]]],
                     scalars: dict[str, dict[str, Any]], keys: list[Any] | None) -> None:
         whole = seg.whole
@@ -374,8 +375,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                         for tname, d in states.items()}
         offsets = [0 if s is None else s for _, s, _ in pieces]
         piece_keys = [keys[i] for i, _, _ in pieces] if keys is not None else None
-        out = kernel(seg.transforms, params, grads, ref, piece_states, scalars, owned, offsets, piece_keys,
-                     seg.materialize)
+        out = self._call(si, seg, params, grads, ref, piece_states, scalars, owned, offsets, piece_keys)
         if seg.materialize:
             self._store_full(w, pieces, cut, out)
 
@@ -397,7 +397,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         scalars = self._tensor_scalars(w, seg) if self._compile_options is not None else w.scalars
         keys = self._key_tensors(w) if self._compile_options is not None else w.noise_keys
         pieces = [(i, None, None) for i in range(len(w.params))]
-        self._run_pieces(self._kernel(si), seg, w, pieces, source, w.full_u is not None,
+        self._run_pieces(si, seg, w, pieces, source, w.full_u is not None,
                          self._seg_states(seg, w), scalars, keys)
 
     # -- checkpoints -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from .._core import checks
+from .._core import foreach as F
 from .._core.transform import HParam, HostView, Transform
 
 
@@ -34,7 +35,7 @@ class EpsDivide(Transform):
 
     def update(self, b: Any) -> None:
         denom = b.signals.pop("denom")
-        torch._foreach_add_(denom, b.s("eps"))
+        F.add_scalar_(denom, b.s("eps"))
         torch._foreach_div_(b.own_u(), denom)
 
 

@@ -1,0 +1,67 @@
+"""Compiled segment kernels: ``segment_body`` under ``torch.compile`` with a flat tensor signature.
+
+A kernel takes only a flat tuple of tensors (parameters, gradients, state, 0-d hyperparameter
+tensors); everything else (which transforms, state keys, static flags such as ``amsgrad``) is part of
+the kernel's *layout*, fixed when it is built. Flat tensor arguments keep dynamo's guards few and
+cheap, and hyperparameters as 0-d tensors mean a scheduler never triggers a recompilation. One
+kernel per (segment, layout) is compiled with dynamic shapes and reused for every tensor.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .plan import segment_body
+
+Layout = tuple
+
+
+def layout_and_tensors(params: list[torch.Tensor], grads: list[torch.Tensor], ref: list[torch.Tensor] | None,
+                       states: Mapping[str, Mapping[str, list[torch.Tensor]]],
+                       scalars: Mapping[str, Mapping[str, Any]], u_owned: bool, offsets: list[Any],
+                       keys: list[Any] | None, materialize: bool) -> tuple[Layout, list[torch.Tensor]]:
+    """Split the arguments of ``segment_body`` into a hashable layout and a flat tensor list."""
+    n = len(params)
+    tensors: list[torch.Tensor] = [*params, *grads]
+    if ref is not None:
+        tensors += ref
+    state_layout = []
+    for tname, d in states.items():
+        keys_here = tuple(d)
+        state_layout.append((tname, keys_here))
+        for k in keys_here:
+            tensors += d[k]
+    scalar_layout = []
+    for tname, d in scalars.items():
+        entries = []
+        for name, v in d.items():
+            if isinstance(v, torch.Tensor):
+                entries.append((name, None))
+                tensors.append(v)
+            else:
+                entries.append((name, v))  # static: part of the layout
+        scalar_layout.append((tname, tuple(entries)))
+    if keys is not None:
+        tensors += keys
+    layout = (n, ref is not None, tuple(state_layout), tuple(scalar_layout), u_owned, tuple(offsets),
+              keys is not None, materialize)
+    return layout, tensors
+
+
+def make_kernel(transforms: tuple, layout: Layout, options: Mapping[str, Any]) -> Callable[..., Any]:
+    n, has_ref, state_layout, scalar_layout, u_owned, offsets, has_keys, materialize = layout
+
+    def kernel(*tensors: torch.Tensor) -> Any:
+        it = iter(tensors)
+        take = lambda count: [next(it) for _ in range(count)]  # noqa: E731
+        params, grads = take(n), take(n)
+        ref = take(n) if has_ref else None
+        states = {tname: {k: take(n) for k in keys} for tname, keys in state_layout}
+        scalars = {tname: {name: (next(it) if v is None else v) for name, v in entries}
+                   for tname, entries in scalar_layout}
+        noise_keys = take(n) if has_keys else None
+        return segment_body(transforms, params, grads, ref, states, scalars, u_owned, list(offsets), noise_keys,
+                            materialize)
+
+    return torch.compile(kernel, **{"dynamic": True, "fullgraph": True, **options})
