@@ -141,6 +141,11 @@ def validate(ts: tuple[Transform, ...], *, complete: bool) -> None:
     no two mutually exclusive transforms. For a complete chain (ending in a terminal) also: every
     signal read was written earlier and every published signal is consumed.
     """
+    for i, t in enumerate(ts):
+        if t.terminal and i != len(ts) - 1:
+            raise ValueError(
+                f"terminal {_describe(t)} must be the last transform, but {_describe(ts[i + 1])} follows it; "
+                "a chain has exactly one terminal (apply, stochastic_round_apply or kahan_apply), at the end")
     seen: dict[str, Transform] = {}
     for t in ts:
         if t.name in seen:
@@ -148,12 +153,7 @@ def validate(ts: tuple[Transform, ...], *, complete: bool) -> None:
                 f"two transforms are named {t.name!r}: {_describe(seen[t.name])} and {_describe(t)}; "
                 f"give the second its own name with ac.named('{t.name}2', ...)")
         seen[t.name] = t
-    for i, t in enumerate(ts):
-        if t.terminal and i != len(ts) - 1:
-            raise ValueError(
-                f"terminal {_describe(t)} must be the last transform, but {_describe(ts[i + 1])} follows it; "
-                "a chain has exactly one terminal (apply, stochastic_round_apply or kahan_apply), at the end")
-    first_direction = next((t for t in ts if t.stage != "gradient"), None)
+    first_direction = next((t for t in ts if t.stage not in ("gradient", "any")), None)
     if first_direction is not None:
         start = ts.index(first_direction)
         late = [t for t in ts[start:] if t.stage == "gradient"]
@@ -187,5 +187,5 @@ def validate(ts: tuple[Transform, ...], *, complete: bool) -> None:
         sig, t = next(iter(live.items()))
         raise ValueError(
             f"{_describe(t)} publishes {sig[4:]!r} but no later transform consumes it; add a consumer after it "
-            "(ac.eps_divide(1e-8) or ac.atan2_scale() for 'denom')")
+            "(ac.eps_divide(1e-8) for 'denom')")
     assert all(t.stage in STAGES for t in ts)

@@ -16,18 +16,21 @@ def _is_number(value: Any) -> bool:
 
 
 def number(owner: str, arg: str, value: Any, *, lo: float = -math.inf, hi: float = math.inf,
-           lo_open: bool = False, hi_open: bool = False) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
-        return value  # a 0-d tensor (e.g. lr for capturable training) is passed through unchanged
-    if not _is_number(value) or math.isnan(value):
+           lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A real number in the given range. A one-element tensor (lr for capturable training) is checked
+    by value (a host read, so callers check a tensor once, not at every step) and returned as is."""
+    checked = value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        checked = float(value.detach())
+    if not _is_number(checked) or math.isnan(checked):
         raise ValueError(f"{owner}: {arg}={value!r} must be a real number")
-    below = value <= lo if lo_open else value < lo
-    above = value >= hi if hi_open else value > hi
+    below = checked <= lo if lo_open else checked < lo
+    above = checked >= hi if hi_open else checked > hi
     if below or above:
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
         raise ValueError(f"{owner}: {arg}={value!r} is outside the allowed range {left}{lo}, {hi}{right}")
-    return float(value)
+    return value if isinstance(value, torch.Tensor) else float(value)
 
 
 def nonneg(owner: str, arg: str, value: Any) -> float:
@@ -48,9 +51,17 @@ def closed_unit(owner: str, arg: str, value: Any) -> float:
 
 
 def betas(owner: str, arg: str, value: Any) -> tuple[float, ...]:
+    """A tuple of one or more decay rates, each in [0, 1)."""
     if not isinstance(value, (tuple, list)) or len(value) < 1:
         raise ValueError(f"{owner}: {arg}={value!r} must be a tuple of decay rates, each in [0, 1)")
     return tuple(unit_interval(owner, f"{arg}[{i}]", b) for i, b in enumerate(value))
+
+
+def beta_pair(owner: str, arg: str, value: Any) -> tuple[float, float]:
+    """``(beta1, beta2)``, each in [0, 1)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{owner}: {arg}={value!r} must be a pair (beta1, beta2), each in [0, 1)")
+    return betas(owner, arg, value)
 
 
 def flag(owner: str, arg: str, value: Any) -> bool:

@@ -95,6 +95,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._kernels: dict[Any, Callable[..., Any]] = {}
         self._scalar_cache: dict[Any, tuple[Any, torch.Tensor]] = {}
         self._ready: set[torch.Tensor] = set()
+        self._validated: dict[Any, tuple[Any, Any]] = {}
         self._param_index: dict[torch.Tensor, int] = {}
         #: per-step results of global transforms, e.g. ``step_info["clip_by_global_norm"]["total_norm"]``
         self.step_info: dict[str, dict[str, torch.Tensor]] = {}
@@ -126,9 +127,19 @@ class ChainOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             self._param_index.setdefault(p, len(self._param_index))
 
+    def _checked(self, key: Any, value: Any, check: Callable[[str, str, Any], Any], owner: str, arg: str) -> Any:
+        """Validate a param-group value once per value object (a tensor lr filled in place by a
+        scheduler is read from the device once, not at every step)."""
+        cached = self._validated.get(key)
+        if cached is not None and cached[0] is value:
+            return cached[1]
+        normalized = check(owner, arg, value)
+        self._validated[key] = (value, normalized)
+        return normalized
+
     def _resolve_all(self, group: Mapping[str, Any], gi: int) -> dict[str, dict[str, Any]]:
         """Resolved hyperparameters of every transform for one group (validated)."""
-        checks.nonneg(f"param group {gi}", "lr", group["lr"])
+        self._checked((gi, "lr"), group["lr"], checks.nonneg, f"param group {gi}", "lr")
         names = {t.name: t for t in self.chain.transforms}
         for key in group:
             if "." in key:
@@ -141,6 +152,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         out = {}
         for t in self.chain.transforms:
             hp = dict(t.args)
+            changed = False
             for arg, spec in t.hparams.items():
                 ns = f"{t.name}.{arg}"
                 if ns in group:
@@ -149,9 +161,13 @@ class ChainOptimizer(torch.optim.Optimizer):
                     value = group[spec.group_key]
                 else:
                     continue
-                if value is not t.args[arg] and spec.check is not None:
-                    value = spec.check(f"param group {gi} ({t.name})", arg, value)
+                if value is not t.args[arg]:
+                    changed = True
+                    if spec.check is not None:
+                        value = self._checked((gi, t.name, arg), value, spec.check, f"param group {gi} ({t.name})", arg)
                 hp[arg] = value
+            if changed:
+                t.check_hparams(f"param group {gi} ({t.name})", hp)
             out[t.name] = hp
         return out
 
@@ -206,7 +222,8 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def _collect(self) -> list[_Work]:
         needs_noise = getattr(self._terminal, "needs_noise", False)
-        works: dict[Any, _Work] = {}
+        # validate everything first: an error leaves no step counted and no state touched
+        todo = []
         for gi, group in enumerate(self.param_groups):
             with_grad = [p for p in group["params"] if p.grad is not None]
             if not with_grad:
@@ -216,6 +233,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"ChainOptimizer: parameter {self._param_index[p]} (shape {tuple(p.shape)}, "
                                        f"group {gi}) has a sparse gradient; adv_chain supports dense gradients only")
+            todo.append((gi, with_grad, hps))
+        works: dict[Any, _Work] = {}
+        for gi, with_grad, hps in todo:
+            for p in with_grad:
                 if p not in self._ready:
                     self._init_state(p, hps)
             steps = [self.state[p]["step"] for p in with_grad]
@@ -453,6 +474,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             self.state[p] = restored
         self._ready.clear()
         self._scalar_cache.clear()
+        self._validated.clear()
 
     def __repr__(self) -> str:
         return f"ChainOptimizer(lr={self.defaults['lr']}, chain={self.chain!r})"

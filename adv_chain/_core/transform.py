@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from types import MappingProxyType
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -99,7 +100,7 @@ class Transform:
             if spec.check is not None and arg in args:
                 args[arg] = spec.check(self.type_name, arg, args[arg])
         object.__setattr__(self, "name", name)
-        object.__setattr__(self, "args", dict(args))
+        object.__setattr__(self, "args", MappingProxyType(dict(args)))  # read-only view
 
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable; build a new one or use Chain.replace")
@@ -125,7 +126,7 @@ class Transform:
         return type(self) is type(other) and self.name == other.name and self.args == other.args
 
     def __hash__(self) -> int:
-        return hash((type(self), self.name, repr(sorted(self.args.items()))))
+        return hash((type(self), self.name, tuple(sorted(self.args.items()))))
 
     def renamed(self, name: str) -> "Transform":
         return type(self)(name=name, **self.args)
@@ -143,6 +144,10 @@ class Transform:
     # -- protocol (overridden by subclasses) ------------------------------------------------------
     def state_specs(self, param: torch.Tensor, hp: Mapping[str, Any]) -> dict[str, StateSpec]:
         return {}
+
+    def check_hparams(self, owner: str, hp: Mapping[str, Any]) -> None:
+        """Rules that relate several resolved hyperparameters (e.g. nesterov needs momentum > 0);
+        called for every param group, after each value passed its own check."""
 
     def host_scalars(self, h: "HostView") -> dict[str, Any]:
         return {}

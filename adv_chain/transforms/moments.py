@@ -15,7 +15,7 @@ class ScaleByAdam(Transform):
     """Adam's moments (Kingma & Ba, arXiv 1412.6980). Publishes the denominator, does not divide.
 
     ``m = b1*m + (1-b1)*g``, ``v = b2*v + (1-b2)*g^2``; emits ``u = m / (1-b1^t)`` and publishes
-    ``denom = sqrt(v) / sqrt(1-b2^t)`` for a consumer (:func:`eps_divide` or ``atan2_scale``).
+    ``denom = sqrt(v) / sqrt(1-b2^t)`` for a consumer (:func:`eps_divide`).
     ``amsgrad=True`` uses the running maximum of ``v`` (Reddi et al., 2018) as torch does;
     ``bias_correction=False`` drops both corrections. ``betas`` is fed by ``group["betas"]``.
 
@@ -28,13 +28,10 @@ class ScaleByAdam(Transform):
     default_name = "adam"
     stage = "moment"
     writes = frozenset({"update", "sig:denom"})
-    hparams = {"betas": HParam("betas", checks.betas)}
+    hparams = {"betas": HParam("betas", checks.beta_pair)}
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), amsgrad: bool = False,
                  bias_correction: bool = True, *, name: str | None = None) -> None:
-        betas = checks.betas(self.type_name, "betas", betas)
-        if len(betas) != 2:
-            raise ValueError(f"{self.type_name}: betas={betas!r} must be a pair (beta1, beta2), each in [0, 1)")
         super().__init__(name=name, betas=betas, amsgrad=checks.flag(self.type_name, "amsgrad", amsgrad),
                          bias_correction=checks.flag(self.type_name, "bias_correction", bias_correction))
 
@@ -93,9 +90,12 @@ class Momentum(Transform):
     def __init__(self, momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False, *,
                  name: str | None = None) -> None:
         super().__init__(name=name, momentum=momentum, dampening=dampening, nesterov=nesterov)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError(f"{self.type_name}: nesterov=True requires momentum > 0 and dampening = 0 "
-                             f"(got momentum={momentum}, dampening={dampening})")
+        self.check_hparams(self.type_name, self.args)
+
+    def check_hparams(self, owner: str, hp: Any) -> None:
+        if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
+            raise ValueError(f"{owner}: nesterov=True requires momentum > 0 and dampening = 0 "
+                             f"(got momentum={hp['momentum']}, dampening={hp['dampening']})")
 
     def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
         return {"momentum_buffer": StateSpec(kind="signed", factorable=True)} if hp["momentum"] != 0 else {}
@@ -134,12 +134,9 @@ class ScaleByLion(Transform):
     type_name = "scale_by_lion"
     default_name = "lion"
     stage = "moment"
-    hparams = {"betas": HParam("betas", checks.betas)}
+    hparams = {"betas": HParam("betas", checks.beta_pair)}
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.99), *, name: str | None = None) -> None:
-        betas = checks.betas(self.type_name, "betas", betas)
-        if len(betas) != 2:
-            raise ValueError(f"{self.type_name}: betas={betas!r} must be a pair (beta1, beta2), each in [0, 1)")
         super().__init__(name=name, betas=betas)
 
     def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:

@@ -13,7 +13,7 @@ from .._core.transform import HParam, HostView, Transform
 class EpsDivide(Transform):
     """``u = u / (denom + eps)``: consumes the ``denom`` a moment transform published (Adam's).
 
-    Fed by ``group["eps"]``. Replace it by ``atan2_scale`` for the epsilon-free Adam-atan2.
+    Fed by ``group["eps"]``.
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.scale_by_adam(), ac.eps_divide(1e-6), ac.apply()).names
