@@ -17,6 +17,16 @@ from .plan import segment_body
 Layout = tuple
 
 
+class _PerTensor:
+    """Layout marker: a scalar given as one 0-d tensor per tensor of the call."""
+
+    def __repr__(self) -> str:
+        return "per_tensor"
+
+
+_PER_TENSOR = _PerTensor()
+
+
 def layout_and_tensors(params: list[torch.Tensor], grads: list[torch.Tensor], ref: list[torch.Tensor] | None,
                        states: Mapping[str, Mapping[str, list[torch.Tensor]]],
                        scalars: Mapping[str, Mapping[str, Any]], u_owned: bool, offsets: list[Any],
@@ -39,6 +49,9 @@ def layout_and_tensors(params: list[torch.Tensor], grads: list[torch.Tensor], re
             if isinstance(v, torch.Tensor):
                 entries.append((name, None))
                 tensors.append(v)
+            elif isinstance(v, list):  # per-tensor values of a reduce
+                entries.append((name, _PER_TENSOR))
+                tensors += v
             else:
                 entries.append((name, v))  # static: part of the layout
         scalar_layout.append((tname, tuple(entries)))
@@ -58,7 +71,8 @@ def make_kernel(transforms: tuple, layout: Layout, options: Mapping[str, Any]) -
         params, grads = take(n), take(n)
         ref = take(n) if has_ref else None
         states = {tname: {k: take(n) for k in keys} for tname, keys in state_layout}
-        scalars = {tname: {name: (next(it) if v is None else v) for name, v in entries}
+        scalars = {tname: {name: (next(it) if v is None else take(n) if v is _PER_TENSOR else v)
+                           for name, v in entries}
                    for tname, entries in scalar_layout}
         noise_keys = take(n) if has_keys else None
         return segment_body(transforms, params, grads, ref, states, scalars, u_owned, list(offsets), noise_keys,

@@ -8,6 +8,7 @@ import torch
 from . import checks
 from .chain import Chain
 from .numerics import noise_key
+from .bucket import Bucket
 from .compile import layout_and_tensors, make_kernel
 from .plan import Segment, build_plan, flat_view, segment_body
 from .transform import HostView, StateSpec, Transform
@@ -280,18 +281,27 @@ class ChainOptimizer(torch.optim.Optimizer):
                     self._run_chunked(si, seg, w)
 
     def _barrier(self, t: Transform, works: list[_Work]) -> None:
-        from .bucket import Bucket
-        partials = []
+        """Reduce of a global/layer transform over every bucket, then one finalize. Results that are
+        one tensor reach every bucket; per-parameter lists are split back to their buckets."""
+        values: list[torch.Tensor] = []
+        layer_keys: list[Any] = []
         for w in works:
             u = w.full_u if w.full_u is not None else w.grads
             b = Bucket(w.params, u, w.states, w.scalars)
             b.enter(t.name, t.stage)
-            partials.append(t.reduce(b))
-        result = t.finalize(partials, works[0].hps[t.name])
-        self.step_info[t.name] = result
+            values.extend(t.reduce(b))
+            group = self.param_groups[w.group_index]
+            layer_keys.extend(t.layer_key(p, i, group) for p, i in zip(w.params, w.indices))
+        result = t.finalize(values, layer_keys, works[0].hps[t.name])
+        self.step_info[t.name] = {k: v for k, v in result.items() if isinstance(v, torch.Tensor)}
+        start = 0
         for w in works:
             dev = w.params[0].device
-            w.scalars[t.name] = {**w.scalars[t.name], **{k: v.to(dev) for k, v in result.items()}}
+            n = len(w.params)
+            mine = {k: ([x.to(dev) for x in v[start:start + n]] if isinstance(v, list) else v.to(dev))
+                    for k, v in result.items()}
+            w.scalars[t.name] = {**w.scalars[t.name], **mine}
+            start += n
 
     def _call(self, si: int, seg: Segment, *args: Any) -> Any:
         """Run ``segment_body`` eagerly, or through the compiled kernel for this segment and layout."""
@@ -311,7 +321,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         for t in seg.transforms:
             vals = {}
             for name, v in w.scalars[t.name].items():
-                if name in t.static_scalars or isinstance(v, (bool, torch.Tensor)):
+                if name in t.static_scalars or isinstance(v, (bool, torch.Tensor, list)):
                     vals[name] = v
                     continue
                 key = (w.group_index, dev, w.params[0].dtype, t.name, name)
@@ -395,6 +405,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         piece_states = {tname: {k: [cut(lst[i], s, e) for i, s, e in pieces] for k, lst in d.items()}
                         for tname, d in states.items()}
         offsets = [0 if s is None else s for _, s, _ in pieces]
+        if any(isinstance(v, list) for d in scalars.values() for v in d.values()):
+            # per-parameter results of a reduce: one entry per piece
+            scalars = {tname: {k: ([v[i] for i, _, _ in pieces] if isinstance(v, list) else v) for k, v in d.items()}
+                       for tname, d in scalars.items()}
         piece_keys = [keys[i] for i, _, _ in pieces] if keys is not None else None
         out = self._call(si, seg, params, grads, ref, piece_states, scalars, owned, offsets, piece_keys)
         if seg.materialize:

@@ -4,7 +4,7 @@ A *segment* is a run of transforms executed together on one slice of data. Eleme
 on cache-sized groups of flat tensor slices (every transform of the segment on one group before the
 next group: torch's multi-tensor amortization with a loop's locality). A global transform starts a new
 segment: its ``reduce`` runs over every bucket, its ``finalize`` once, and its elementwise part joins
-the segment it starts. A tensor-scope transform is a segment of its own on whole tensors. When a
+the segment it starts (layer-scope transforms likewise, with per-layer results). A tensor-scope transform is a segment of its own on whole tensors. When a
 segment is not the last, its output direction is materialized to full-size fp32 tensors.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def build_plan(transforms: tuple[Transform, ...]) -> tuple[Segment, ...]:
     current: list[Transform] = []
     barrier: Transform | None = None
     for t in transforms:
-        if t.scope == "global":
+        if t.scope in ("global", "layer"):
             if current:
                 raw.append((current, barrier, False))
             current, barrier = [t], t

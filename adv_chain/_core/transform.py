@@ -8,8 +8,11 @@ A transform is a small immutable object holding configuration only (never tensor
 * ``hparams``: which constructor arguments are runtime hyperparameters a param group may override, and
   which plain param-group key (``"lr"``, ``"betas"``, ``"weight_decay"``...) feeds them;
 * ``state_specs(param, hp)``: its per-parameter state (shape, dtype policy, kind, factorable);
-* ``scope``: ``"elementwise"`` (runs on any slice of a tensor), ``"tensor"`` (needs whole tensors) or
-  ``"global"`` (needs a reduction over every parameter first: ``reduce`` per bucket, ``finalize`` once).
+* ``scope``: ``"elementwise"`` (runs on any slice of a tensor), ``"tensor"`` (its update needs whole
+  tensors), ``"layer"`` or ``"global"`` (needs a reduction first: ``reduce`` gives one value per
+  parameter of every bucket, ``finalize`` runs once over all of them, grouped by ``layer_key`` for
+  the layer scope, and returns tensors for everyone or per-parameter lists; then ``update`` runs
+  elementwise with those results as scalars).
 
 ``host_scalars(h)`` turns resolved hyperparameters and the step number into the plain numbers the
 kernel uses (bias corrections, ``1 - beta``...), on the host, once per bucket and step. ``update(b)``
@@ -27,7 +30,7 @@ import torch
 
 # "any" marks a transform that may sit anywhere (e.g. value clipping of gradients or of updates)
 STAGES = ("gradient", "hyper", "moment", "normalize", "mask", "scale", "decay", "apply", "any")
-SCOPES = ("elementwise", "tensor", "global")
+SCOPES = ("elementwise", "tensor", "layer", "global")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 _REGISTRY: dict[str, type["Transform"]] = {}
@@ -155,11 +158,19 @@ class Transform:
     def update(self, b: Any) -> None:  # pragma: no cover - abstract
         raise NotImplementedError(f"{self.type_name} defines no update")
 
-    # global scope only
-    def reduce(self, b: Any) -> torch.Tensor:  # pragma: no cover - abstract
+    # layer and global scope only
+    def reduce(self, b: Any) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        """One value per parameter of bucket ``b`` (whole tensors, ``b.u`` is the direction so far)."""
         raise NotImplementedError
 
-    def finalize(self, partials: list[torch.Tensor], hp: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def layer_key(self, param: torch.Tensor, index: int, group: Mapping[str, Any]) -> Any:
+        """Which layer a parameter belongs to for a layer-scope reduction (default: its own)."""
+        return index
+
+    def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
+                 hp: Mapping[str, Any]) -> dict[str, "torch.Tensor | list[torch.Tensor]"]:
+        """Combine every parameter's ``reduce`` value (in a fixed order, with its layer key) into
+        scalars for ``update``: a tensor shared by all parameters, or a list aligned with ``values``."""
         raise NotImplementedError  # pragma: no cover - abstract
 
 

@@ -34,13 +34,13 @@ class ClipByGlobalNorm(Transform):
     def __init__(self, max_norm: float = 1.0, *, name: str | None = None) -> None:
         super().__init__(name=name, max_norm=max_norm)
 
-    def reduce(self, b: Any) -> torch.Tensor:
-        norms = torch._foreach_norm(b.u, 2, dtype=torch.float32)
-        return torch.stack(norms).square().sum()
+    def reduce(self, b: Any) -> list[torch.Tensor]:
+        return torch._foreach_pow(torch._foreach_norm(b.u, 2, dtype=torch.float32), 2)
 
-    def finalize(self, partials: list[torch.Tensor], hp: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        device = partials[0].device
-        total = torch.stack([x.to(device) for x in partials]).sum().sqrt()
+    def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
+                 hp: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        device = values[0].device
+        total = torch.stack([x.to(device) for x in values]).sum().sqrt()
         coef = (hp["max_norm"] / (total + 1e-6)).clamp(max=1.0)
         return {"total_norm": total, "coef": coef}
 
