@@ -8,6 +8,7 @@ kernel per (segment, layout) is compiled with dynamic shapes and reused for ever
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Mapping
 
 import torch
@@ -25,6 +26,7 @@ class _PerTensor:
 
 
 _PER_TENSOR = _PerTensor()
+_KERNEL_IDS = itertools.count()
 
 
 def layout_and_tensors(params: list[torch.Tensor], grads: list[torch.Tensor], ref: list[torch.Tensor] | None,
@@ -78,4 +80,7 @@ def make_kernel(transforms: tuple, layout: Layout, options: Mapping[str, Any]) -
         return segment_body(transforms, params, grads, ref, states, scalars, u_owned, list(offsets), noise_keys,
                             materialize)
 
+    # dynamo keeps its compiled-graph cache on the code object: give every kernel its own, so that
+    # kernels of different layouts never count against each other's recompile limit
+    kernel.__code__ = kernel.__code__.replace(co_name=f"adv_chain_segment_kernel_{next(_KERNEL_IDS)}")
     return torch.compile(kernel, **{"dynamic": True, "fullgraph": True, **options})

@@ -287,7 +287,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         layer_keys: list[Any] = []
         for w in works:
             u = w.full_u if w.full_u is not None else w.grads
-            b = Bucket(w.params, u, w.states, w.scalars)
+            b = Bucket(w.params, u, w.states, w.scalars, grads=w.full_g)
             b.enter(t.name, t.stage)
             values.extend(t.reduce(b))
             group = self.param_groups[w.group_index]
@@ -421,7 +421,9 @@ class ChainOptimizer(torch.optim.Optimizer):
             w.full_u = [torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                         for p in w.params]
         torch._foreach_copy_([cut(w.full_u[i], s, e) for i, s, e in pieces], u)
-        if ref is not None:
+        if ref == "input":  # the reference gradient is the user's fp32 .grad itself: no copy
+            w.full_g = w.grads
+        elif ref is not None:
             if w.full_g is None:
                 w.full_g = [torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                             for p in w.params]

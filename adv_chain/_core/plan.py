@@ -56,8 +56,10 @@ def segment_body(transforms: tuple[Transform, ...], params: list[torch.Tensor], 
     """Run ``transforms`` on aligned lists; the same function runs eagerly or under ``torch.compile``.
 
     Low-precision gradients are promoted to fp32 here, so the math never runs in bf16/fp16.
-    Returns ``(u, reference_grads_or_None)`` when ``materialize`` is set, else ``None``.
+    Returns ``(u, reference)`` when ``materialize`` is set (``reference`` is ``None`` while still in
+    the gradient stage, ``"input"`` when it is the unmodified input gradient, else a list), else ``None``.
     """
+    incoming = grads
     if grads[0].dtype in LOW_PRECISION:
         grads = [g.float() for g in grads]
         u_owned = True
@@ -65,7 +67,9 @@ def segment_body(transforms: tuple[Transform, ...], params: list[torch.Tensor], 
                noise_keys=noise_keys)
     run_transforms(transforms, b)
     if materialize:
-        return b.u, (b.grads if b.frozen else None)
+        if not b.frozen:
+            return b.u, None
+        return b.u, ("input" if b.grads is incoming else b.grads)
     return None
 
 

@@ -90,7 +90,7 @@ class Transform:
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         if cls.type_name:
-            assert cls.stage in STAGES and cls.scope in SCOPES, cls
+            assert cls.stage in STAGES and (isinstance(cls.scope, property) or cls.scope in SCOPES), cls
             _REGISTRY[cls.type_name] = cls
 
     def __init__(self, *, name: str | None = None, **args: Any) -> None:

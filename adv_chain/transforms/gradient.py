@@ -109,6 +109,59 @@ class AddL2(Transform):
             F.add_scaled_(u, [p.float() for p in b.params], wd)
 
 
+_ORTHO_PIECE = 1 << 20  # elements per slice when measuring ||g - rho*w|| (bounds the temporary)
+
+
+class Orthograd(Transform):
+    """OrthoGrad (Prieto et al., arXiv 2501.04697): remove the gradient's component parallel to the
+    weights and restore its norm, per tensor:
+
+    ``rho = <w, g> / (<w, w> + 1e-30)``, ``o = g - rho * w``, ``g' = o * ||g|| / (||o|| + 1e-30)``.
+
+    ``mode="flattened"`` (the paper's, and adv_optm's ``orthogonal_gradient='flattened'``) treats
+    each tensor as one vector. ``||o||`` is measured directly (not from the dot products, which
+    would cancel when g is nearly parallel to w), one slice at a time; the update then applies
+    ``g' = s * (g - rho * w)`` elementwise with the per-tensor ``rho`` and ``s``.
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.orthograd(), ac.scale_by_adam(), ac.eps_divide(), ac.apply()).names
+    ('orthograd', 'adam', 'eps_divide', 'apply')
+    """
+
+    type_name = "orthograd"
+    default_name = "orthograd"
+    stage = "gradient"
+    scope = "layer"  # per tensor: the default layer key is the tensor itself
+    reads = frozenset({"update", "param"})
+
+    def __init__(self, mode: str = "flattened", *, name: str | None = None) -> None:
+        super().__init__(name=name, mode=checks.choice(self.type_name, "mode", mode, ("flattened",)))
+
+    def reduce(self, b: Any) -> list[torch.Tensor]:
+        out = []
+        for w, g in zip(b.params, b.u):
+            w32 = w.detach().reshape(-1).float()
+            g32 = g.reshape(-1).float()
+            dot, ww, gg = torch.dot(w32, g32), torch.dot(w32, w32), torch.dot(g32, g32)
+            rho = dot / (ww + 1e-30)
+            oo = torch.zeros((), dtype=torch.float32, device=g.device)
+            for start in range(0, g32.numel(), _ORTHO_PIECE):
+                piece = g32[start:start + _ORTHO_PIECE] - rho * w32[start:start + _ORTHO_PIECE]
+                oo = oo + torch.dot(piece, piece)
+            out.append(torch.stack((rho, gg.sqrt() / (oo.sqrt() + 1e-30))))
+        return out
+
+    def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
+                 hp: Mapping[str, Any]) -> dict[str, list[torch.Tensor]]:
+        return {"rho": [v[0] for v in values], "scale": [v[1] for v in values]}
+
+    def update(self, b: Any) -> None:
+        u = b.own_u()
+        w = b.params if b.params[0].dtype == torch.float32 else [p.float() for p in b.params]
+        torch._foreach_sub_(u, torch._foreach_mul(w, b.s("rho")))
+        torch._foreach_mul_(u, b.s("scale"))
+
+
 class Negate(Transform):
     """``g = -g``: gradient ascent (torch's ``maximize=True``).
 
@@ -132,3 +185,4 @@ clip_by_global_norm = ClipByGlobalNorm
 clip_by_value = ClipByValue
 add_l2 = AddL2
 negate = Negate
+orthograd = Orthograd

@@ -17,7 +17,9 @@ class ScaleByAdam(Transform):
     ``m = b1*m + (1-b1)*g``, ``v = b2*v + (1-b2)*g^2``; emits ``u = m / (1-b1^t)`` and publishes
     ``denom = sqrt(v) / sqrt(1-b2^t)`` for a consumer (:func:`eps_divide`).
     ``amsgrad=True`` uses the running maximum of ``v`` (Reddi et al., 2018) as torch does;
-    ``bias_correction=False`` drops both corrections. ``betas`` is fed by ``group["betas"]``.
+    ``bias_correction=False`` drops both corrections. With ``beta1 = 0`` no first moment is kept and
+    the gradient passes through (the second-moment half, e.g. under :func:`simplified_accumulator`).
+    ``betas`` is fed by ``group["betas"]``.
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.scale_by_adam(betas=(0.9, 0.95)), ac.eps_divide(1e-8), ac.apply()).names
@@ -36,8 +38,9 @@ class ScaleByAdam(Transform):
                          bias_correction=checks.flag(self.type_name, "bias_correction", bias_correction))
 
     def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
-        specs = {"exp_avg": StateSpec(kind="signed", factorable=True),
-                 "exp_avg_sq": StateSpec(kind="nonneg", factorable=True)}
+        specs = {"exp_avg_sq": StateSpec(kind="nonneg", factorable=True)}
+        if hp["betas"][0] != 0:
+            specs["exp_avg"] = StateSpec(kind="signed", factorable=True)
         if hp["amsgrad"]:
             specs["max_exp_avg_sq"] = StateSpec(kind="nonneg", factorable=True)
         return specs
@@ -47,14 +50,17 @@ class ScaleByAdam(Transform):
         bc1 = 1.0 - b1 ** h.step if h.hp["bias_correction"] else 1.0
         bc2 = 1.0 - b2 ** h.step if h.hp["bias_correction"] else 1.0
         return {"one_minus_b1": 1.0 - b1, "b2": b2, "one_minus_b2": 1.0 - b2,
-                "inv_bc1": 1.0 / bc1, "sqrt_bc2": math.sqrt(bc2), "amsgrad": h.hp["amsgrad"]}
+                "inv_bc1": 1.0 / bc1, "sqrt_bc2": math.sqrt(bc2), "amsgrad": h.hp["amsgrad"],
+                "first_moment": b1 != 0}
 
-    static_scalars = frozenset({"amsgrad"})
+    static_scalars = frozenset({"amsgrad", "first_moment"})
 
     def update(self, b: Any) -> None:
         g = b.u
-        m, v = b.state("exp_avg"), b.state("exp_avg_sq")
-        F.lerp_(m, g, b.s("one_minus_b1"))
+        v = b.state("exp_avg_sq")
+        if b.s("first_moment"):
+            m = b.state("exp_avg")
+            F.lerp_(m, g, b.s("one_minus_b1"))
         torch._foreach_mul_(v, b.s("b2"))
         F.addcmul_(v, g, g, b.s("one_minus_b2"))
         if b.s("amsgrad"):
@@ -63,7 +69,9 @@ class ScaleByAdam(Transform):
             v = v_max
         denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, b.s("sqrt_bc2"))
-        b.set_u(torch._foreach_mul(m, b.s("inv_bc1")))
+        if b.s("first_moment"):
+            b.set_u(torch._foreach_mul(m, b.s("inv_bc1")))
+        # with beta1 = 0 the direction is the gradient itself (no exp_avg is kept)
         b.signals["denom"] = denom
 
 
@@ -157,6 +165,104 @@ class ScaleByLion(Transform):
         b.set_u(u)
 
 
+def _half_life(beta: float) -> float:
+    return math.log(0.5) / math.log(beta) - 1.0
+
+
+class AdEMAMix(Transform):
+    """AdEMAMix (Pagliardini et al., arXiv 2409.03137): mix a slow EMA of the gradient into Adam's
+    fast moment. Placed right after :func:`scale_by_adam` (whose ``u = m / (1 - b1^t)``)::
+
+        m2 = beta3 * m2 + (1 - beta3) * g      (g: the reference gradient; m2 not bias-corrected)
+        u  = u + alpha_t * m2                   (then eps_divide / atan2_scale divides by the denominator)
+
+    Warm-ups as the paper: ``alpha_warmup=T`` ramps ``alpha_t = alpha * min(t/T, 1)``;
+    ``beta3_warmup=T`` moves beta3 from ``beta_start`` (the paper's beta1) to ``beta3`` linearly in
+    half-life: ``beta3(t) = 0.5 ** (1 / (1 + (1 - t/T) f(beta_start) + (t/T) f(beta3)))`` with
+    ``f(b) = ln 0.5 / ln b - 1``. State ``exp_avg_slow``; fed by ``group["beta3"]``/``group["alpha"]``.
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.scale_by_adam(), ac.ademamix(alpha=5.0), ac.eps_divide(), ac.apply()).names
+    ('adam', 'ademamix', 'eps_divide', 'apply')
+    """
+
+    type_name = "ademamix"
+    default_name = "ademamix"
+    stage = "moment"
+    reads = frozenset({"update", "grad"})
+    hparams = {"beta3": HParam("beta3", checks.unit_interval), "alpha": HParam("alpha", checks.nonneg)}
+
+    def __init__(self, beta3: float = 0.9999, alpha: float = 5.0, alpha_warmup: int | None = None,
+                 beta3_warmup: int | None = None, beta_start: float = 0.9, *, name: str | None = None) -> None:
+        for arg, value in (("alpha_warmup", alpha_warmup), ("beta3_warmup", beta3_warmup)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{self.type_name}: {arg}={value!r} must be None or an int >= 1 (steps)")
+        super().__init__(name=name, beta3=beta3, alpha=alpha, alpha_warmup=alpha_warmup, beta3_warmup=beta3_warmup,
+                         beta_start=checks.number(self.type_name, "beta_start", beta_start, lo=0.0, hi=1.0,
+                                                  lo_open=True, hi_open=True))
+
+    def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
+        return {"exp_avg_slow": StateSpec(kind="signed", factorable=True)}
+
+    def host_scalars(self, h: HostView) -> dict[str, Any]:
+        t, beta3, alpha = h.step, h.hp["beta3"], h.hp["alpha"]
+        if h.hp["alpha_warmup"] is not None:
+            alpha = alpha * min(t / h.hp["alpha_warmup"], 1.0)
+        warm = h.hp["beta3_warmup"]
+        if warm is not None and t < warm and beta3 > 0:
+            frac = t / warm
+            beta3 = 0.5 ** (1.0 / (1.0 + (1.0 - frac) * _half_life(h.hp["beta_start"]) + frac * _half_life(beta3)))
+        return {"beta3": beta3, "one_minus_beta3": 1.0 - beta3, "alpha": alpha}
+
+    def update(self, b: Any) -> None:
+        m2 = b.state("exp_avg_slow")
+        F.lerp_(m2, b.grads, b.s("one_minus_beta3"))
+        u = b.own_u()
+        F.add_scaled_(u, m2, b.s("alpha"))
+
+
+class SimplifiedAccumulator(Transform):
+    """Simplified AdEMAMix's first moment (Morwani et al., arXiv 2502.02431): an accumulator instead
+    of an EMA, mixed with the current gradient::
+
+        m = beta1 * m + g          u = m + alpha_grad * g
+
+    Used with a second moment and no first moment, e.g.
+    ``chain(scale_by_adam(betas=(0.0, 0.95)), simplified_accumulator(0.99, 100.0), eps_divide(1e-8), apply())``,
+    which is the paper's ``(alpha*g + m) / (sqrt(v) + eps*sqrt(S2)) * sqrt(S2)`` with ``S2 = 1 - b2^t``.
+    State ``exp_avg``; fed by ``group["alpha_grad"]``.
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.scale_by_adam(betas=(0.0, 0.95)), ac.simplified_accumulator(), ac.eps_divide(), ac.apply()).names
+    ('adam', 'simplified_accumulator', 'eps_divide', 'apply')
+    """
+
+    type_name = "simplified_accumulator"
+    default_name = "simplified_accumulator"
+    stage = "moment"
+    reads = frozenset({"update", "grad"})
+    hparams = {"beta1": HParam(None, checks.unit_interval), "alpha_grad": HParam("alpha_grad", checks.nonneg)}
+
+    def __init__(self, beta1: float = 0.99, alpha_grad: float = 100.0, *, name: str | None = None) -> None:
+        super().__init__(name=name, beta1=beta1, alpha_grad=alpha_grad)
+
+    def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
+        return {"exp_avg": StateSpec(kind="signed", factorable=True)}
+
+    def host_scalars(self, h: HostView) -> dict[str, Any]:
+        return {"beta1": h.hp["beta1"], "alpha_grad": h.hp["alpha_grad"]}
+
+    def update(self, b: Any) -> None:
+        m = b.state("exp_avg")
+        torch._foreach_mul_(m, b.s("beta1"))
+        torch._foreach_add_(m, b.grads)
+        u = torch._foreach_mul(b.grads, b.s("alpha_grad"))
+        torch._foreach_add_(u, m)
+        b.set_u(u)
+
+
 scale_by_adam = ScaleByAdam
+ademamix = AdEMAMix
+simplified_accumulator = SimplifiedAccumulator
 momentum = Momentum
 scale_by_lion = ScaleByLion

@@ -1,6 +1,7 @@
 """Normalizers: they turn a moment's direction into a step direction (divide, sign)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -39,6 +40,40 @@ class EpsDivide(Transform):
         torch._foreach_div_(b.own_u(), denom)
 
 
+class Atan2Scale(Transform):
+    """Adam-atan2 (Everett et al., arXiv 2407.05872): ``u = a * atan2(u, b * denom)`` replaces
+    ``u / (denom + eps)``; no epsilon, and ``|u| <= a * pi / 2``. Consumes the ``denom`` a moment
+    transform published (Adam's ``sqrt(v / (1 - b2^t))``, with ``u = m / (1 - b1^t)``: bias
+    correction inside the atan2, as the paper). ``a = 4/pi, b = 1`` is adv_optm's choice (its small
+    ratios behave like ``u / denom``); lucidrains' adam-atan2-pytorch uses ``a = 1.27, b = 1``.
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.scale_by_adam(), ac.atan2_scale(), ac.apply()).names
+    ('adam', 'atan2_scale', 'apply')
+    """
+
+    type_name = "atan2_scale"
+    default_name = "atan2_scale"
+    stage = "normalize"
+    reads = frozenset({"update", "sig:denom"})
+    consumes = frozenset({"sig:denom"})
+
+    def __init__(self, a: float = 4 / math.pi, b: float = 1.0, *, name: str | None = None) -> None:
+        super().__init__(name=name, a=checks.positive(self.type_name, "a", a),
+                         b=checks.positive(self.type_name, "b", b))
+
+    def host_scalars(self, h: HostView) -> dict[str, Any]:
+        return {"a": h.hp["a"], "b": h.hp["b"]}
+
+    def update(self, b: Any) -> None:
+        denom = b.signals.pop("denom")
+        F.scale_(denom, b.s("b"))
+        # torch has no multi-tensor atan2: one op per tensor (fused under compile=True)
+        u = [torch.atan2(x, d) for x, d in zip(b.u, denom)]
+        torch._foreach_mul_(u, b.s("a"))
+        b.set_u(u)
+
+
 class Sign(Transform):
     """``u = sign(u)`` (signSGD / Signum when placed after a momentum).
 
@@ -59,4 +94,5 @@ class Sign(Transform):
 
 
 eps_divide = EpsDivide
+atan2_scale = Atan2Scale
 sign = Sign

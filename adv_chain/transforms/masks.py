@@ -1,0 +1,93 @@
+"""Direction masks: they compare the update with the reference gradient (the gradient-stage output)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .._core import checks
+from .._core.transform import Transform
+
+_RESCALES = ("paper", "mean", "none")
+
+
+def _agreement(u: list[torch.Tensor], g: list[torch.Tensor]) -> list[torch.Tensor]:
+    """1.0 where u and g have the same (non-zero) sign, else 0.0 (no foreach comparisons exist)."""
+    mask = torch._foreach_sign(torch._foreach_mul(u, g))
+    torch._foreach_clamp_min_(mask, 0.0)
+    return mask
+
+
+class Cautious(Transform):
+    """C-Optim's cautious mask (Liang et al., arXiv 2411.16085): zero the update where its sign
+    disagrees with the reference gradient, ``phi = 1[u * g > 0]``, and rescale per tensor:
+
+    * ``rescale="paper"``: ``u * phi * N / (nnz(phi) + 1)`` (the paper);
+    * ``rescale="mean"``: ``u * phi / max(mean(phi), 1e-3)`` (adv_optm's ``cautious_mask``);
+    * ``rescale="none"``: ``u * phi``.
+
+    The rescale needs the whole tensor's mask count, so with a rescale the chain runs in two
+    segments: the direction is materialized, counted, then masked. Cannot share a chain with
+    :func:`grams`.
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.scale_by_adam(), ac.eps_divide(), ac.cautious(), ac.apply()).names
+    ('adam', 'eps_divide', 'cautious', 'apply')
+    """
+
+    type_name = "cautious"
+    default_name = "cautious"
+    stage = "mask"
+    reads = frozenset({"update", "grad"})
+    excludes = frozenset({"grams"})
+
+    def __init__(self, rescale: str = "paper", *, name: str | None = None) -> None:
+        super().__init__(name=name, rescale=checks.choice(self.type_name, "rescale", rescale, _RESCALES))
+
+    @property
+    def scope(self) -> str:  # type: ignore[override]
+        return "elementwise" if self.args["rescale"] == "none" else "layer"
+
+    def reduce(self, b: Any) -> list[torch.Tensor]:
+        counts = torch._foreach_norm(_agreement(b.u, b.grads), 1)  # agreeing coordinates per tensor
+        return [torch.stack((c, c.new_tensor(float(x.numel())))) for c, x in zip(counts, b.u)]
+
+    def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
+                 hp: Mapping[str, Any]) -> dict[str, list[torch.Tensor]]:
+        if hp["rescale"] == "paper":
+            return {"scale": [v[1] / (v[0] + 1.0) for v in values]}
+        return {"scale": [1.0 / torch.clamp(v[0] / v[1], min=1e-3) for v in values]}
+
+    def update(self, b: Any) -> None:
+        u = b.own_u()
+        torch._foreach_mul_(u, _agreement(u, b.grads))
+        if self.args["rescale"] != "none":
+            torch._foreach_mul_(u, b.s("scale"))
+
+
+class Grams(Transform):
+    """Grams (Cao et al., arXiv 2412.17107): keep the update's magnitude, take the reference
+    gradient's sign, ``u = |u| * sign(g)``. Cannot share a chain with :func:`cautious`.
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.scale_by_adam(), ac.eps_divide(), ac.grams(), ac.apply()).names
+    ('adam', 'eps_divide', 'grams', 'apply')
+    """
+
+    type_name = "grams"
+    default_name = "grams"
+    stage = "mask"
+    reads = frozenset({"update", "grad"})
+    excludes = frozenset({"cautious"})
+
+    def __init__(self, *, name: str | None = None) -> None:
+        super().__init__(name=name)
+
+    def update(self, b: Any) -> None:
+        u = b.own_u()
+        torch._foreach_abs_(u)
+        torch._foreach_mul_(u, torch._foreach_sign(b.grads))
+
+
+cautious = Cautious
+grams = Grams
