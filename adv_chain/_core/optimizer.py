@@ -25,7 +25,7 @@ class _Work:
     """One bucket for one step: params of one group sharing device, dtype and step number."""
 
     __slots__ = ("group_index", "params", "grads", "indices", "step", "hps", "scalars", "states",
-                 "noise_keys", "full_u", "full_g")
+                 "noise_keys", "full_u", "full_g", "next_u", "next_g")
 
     def __init__(self, group_index: int, step: int) -> None:
         self.group_index = group_index
@@ -33,8 +33,12 @@ class _Work:
         self.params: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
         self.indices: list[int] = []
+        # direction and reference gradient materialized by the previous segment (None: use .grad)
         self.full_u: list[torch.Tensor] | None = None
         self.full_g: list[torch.Tensor] | None = None
+        # what the running segment materializes, promoted to full_u/full_g when it ends
+        self.next_u: list[torch.Tensor] | None = None
+        self.next_g: list[torch.Tensor] | None = None
 
 
 class ChainOptimizer(torch.optim.Optimizer):
@@ -279,6 +283,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                     self._run_whole(si, seg, w)
                 else:
                     self._run_chunked(si, seg, w)
+                if seg.materialize:
+                    w.full_u, w.full_g = w.next_u, (w.next_g if w.next_g is not None else w.full_g)
+                    w.next_u = w.next_g = None
 
     def _barrier(self, t: Transform, works: list[_Work]) -> None:
         """Reduce of a global/layer transform over every bucket, then one finalize. Results that are
@@ -415,19 +422,21 @@ class ChainOptimizer(torch.optim.Optimizer):
             self._store_full(w, pieces, cut, out)
 
     def _store_full(self, w: _Work, pieces: list[tuple[int, Any, Any]], cut: Callable[..., torch.Tensor],
-                    out: tuple[list[torch.Tensor], list[torch.Tensor] | None]) -> None:
+                    out: tuple[list[torch.Tensor], Any]) -> None:
         u, ref = out
-        if w.full_u is None:
-            w.full_u = [torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        if w.next_u is None:
+            w.next_u = [torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                         for p in w.params]
-        torch._foreach_copy_([cut(w.full_u[i], s, e) for i, s, e in pieces], u)
-        if ref == "input":  # the reference gradient is the user's fp32 .grad itself: no copy
-            w.full_g = w.grads
-        elif ref is not None:
-            if w.full_g is None:
-                w.full_g = [torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                            for p in w.params]
-            torch._foreach_copy_([cut(w.full_g[i], s, e) for i, s, e in pieces], ref)
+        torch._foreach_copy_([cut(w.next_u[i], s, e) for i, s, e in pieces], u)
+        if ref is None:
+            return
+        if isinstance(ref, str):  # "input": the reference gradient is the incoming fp32 gradient, no copy
+            w.next_g = w.full_u if w.full_u is not None else w.grads
+            return
+        if w.next_g is None:
+            w.next_g = [torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                        for p in w.params]
+        torch._foreach_copy_([cut(w.next_g[i], s, e) for i, s, e in pieces], ref)
 
     def _run_whole(self, si: int, seg: Segment, w: _Work) -> None:
         source = w.full_u if w.full_u is not None else w.grads
