@@ -91,4 +91,40 @@ class Lion(_DropIn):
         super().__init__(params, chain, lr, compile, state_dtype)
 
 
-__all__ = ["SGD", "Adam", "AdamW", "Lion"]
+class AdamW_adv(_DropIn):  # noqa: N801 - the reference's class name
+    """adv_optm's ``AdamW_adv`` as a chain (preset ``adamw_adv``): every keyword of 2.5.16 and the
+    legacy 2.2.3 ones (``cautious_mask``, ``grams_moment``, ``use_AdEMAMix``, ``beta3_ema``, ``alpha``,
+    bool ``orthogonal_gradient``); ``compiled_optimizer=True`` means ``compile=True``.
+    ``layer_key_fn`` belongs to Kourkoutas-beta, which is not implemented yet."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float | None = 1e-8, weight_decay: float = 0.0, fisher_wd: bool = False,
+                 cautious_wd: bool = False, use_bias_correction: bool = True, stochastic_rounding: bool = True,
+                 use_atan2: bool = False, orthogonal_gradient: Any = "disabled", nesterov: bool = False,
+                 nesterov_coef: float | None = None, normed_momentum: bool = False, kourkoutas_beta: bool = False,
+                 beta2_min: float = 0.9, ema_alpha: float = 0.95, tiny_spike: float = 1e-9, k_warmup_steps: int = 0,
+                 k_logging: int = 0, layer_key_fn: Any = None, spectral_normalization: bool = False,
+                 centered_wd: float = 0.0, centered_wd_mode: str = "float8", state_precision: str = "auto",
+                 factored_2nd: bool = False, nnmf_factor: bool = False, vector_reshape: bool = False,
+                 compiled_optimizer: bool = False, cautious_mask: bool = False, grams_moment: bool = False,
+                 use_AdEMAMix: bool = False, beta3_ema: float = 0.9999, alpha: float = 5.0, *,  # noqa: N803
+                 compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32", seed: int = 0) -> None:
+        if layer_key_fn is not None:
+            presets.adv.not_yet("AdamW_adv", layer_key_fn=layer_key_fn)
+        chain = presets.adamw_adv(
+            betas=betas, eps=eps, weight_decay=weight_decay, fisher_wd=fisher_wd, cautious_wd=cautious_wd,
+            use_bias_correction=use_bias_correction, stochastic_rounding=stochastic_rounding, use_atan2=use_atan2,
+            orthogonal_gradient=orthogonal_gradient, nesterov=nesterov, nesterov_coef=nesterov_coef,
+            normed_momentum=normed_momentum, kourkoutas_beta=kourkoutas_beta, beta2_min=beta2_min,
+            ema_alpha=ema_alpha, tiny_spike=tiny_spike, k_warmup_steps=k_warmup_steps, k_logging=k_logging,
+            spectral_normalization=spectral_normalization, centered_wd=centered_wd,
+            centered_wd_mode=centered_wd_mode, state_precision=state_precision, factored_2nd=factored_2nd,
+            nnmf_factor=nnmf_factor, vector_reshape=vector_reshape, cautious_mask=cautious_mask,
+            grams_moment=grams_moment, use_AdEMAMix=use_AdEMAMix, beta3_ema=beta3_ema, alpha=alpha, seed=seed)
+        super().__init__(params, chain, lr, compile or compiled_optimizer, state_dtype)
+
+
+#: the name the seeds' documents and OneTrainer use
+Adam_Adv = AdamW_adv
+
+__all__ = ["SGD", "Adam", "AdamW", "Lion", "AdamW_adv", "Adam_Adv"]

@@ -169,15 +169,17 @@ def validate(ts: tuple[Transform, ...], *, complete: bool) -> None:
     if not complete:
         return
     live: dict[str, Transform] = {}
+    optional: set[str] = set()
     for t in ts:
         for r in sorted(x for x in t.reads if x.startswith("sig:")):
-            if r not in live:
+            if r not in live and r not in optional:
                 raise ValueError(
                     f"{_describe(t)} reads signal {r[4:]!r} but no earlier transform publishes it; "
                     f"put a transform that publishes it (e.g. ac.scale_by_adam() for 'denom') before {t.name!r}")
         for c in t.consumes:
             live.pop(c, None)
-        for w in t.writes:
+        optional |= t.optional_signals
+        for w in t.writes - t.optional_signals:
             if w.startswith("sig:"):
                 if w in live:
                     raise ValueError(f"{_describe(t)} publishes {w[4:]!r} but {_describe(live[w])} already published "

@@ -84,6 +84,8 @@ class Transform:
     hparams: ClassVar[Mapping[str, HParam]] = {}
     #: scalar names from host_scalars that stay Python values under compile (changing them recompiles)
     static_scalars: ClassVar[frozenset[str]] = frozenset()
+    #: published signals a chain need not consume (e.g. Adam's bias correction ``sig:bc1``)
+    optional_signals: ClassVar[frozenset[str]] = frozenset()
     #: type names of transforms this one cannot share a chain with
     excludes: ClassVar[frozenset[str]] = frozenset()
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .._core import checks
 from .._core import foreach as F
 from .._core.transform import HParam, HostView, Transform
@@ -43,4 +45,42 @@ class WeightDecay(Transform):
             b.add_decay_coef(coef)
 
 
+class CautiousWeightDecay(Transform):
+    """Cautious weight decay (adv_optm's ``cautious_wd``): decoupled decay applied only where it
+    agrees with the update, ``p -= c * 1[u * p >= 0] * p`` with
+    ``c = lr * weight_decay`` (or ``weight_decay * lr / max_lr``). Replaces :func:`weight_decay`.
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.scale_by_adam(), ac.eps_divide(), ac.cautious_wd(0.1), ac.apply()).names
+    ('adam', 'eps_divide', 'cautious_wd', 'apply')
+    """
+
+    type_name = "cautious_wd"
+    default_name = "cautious_wd"
+    stage = "decay"
+    reads = frozenset({"param", "update"})
+    writes = frozenset({"decay"})
+    hparams = {"weight_decay": HParam("weight_decay", checks.nonneg)}
+
+    def __init__(self, weight_decay: float = 0.01, max_lr: float | None = None, *, name: str | None = None) -> None:
+        if max_lr is not None:
+            max_lr = checks.positive(self.type_name, "max_lr", max_lr)
+        super().__init__(name=name, weight_decay=weight_decay, max_lr=max_lr)
+
+    host_scalars = WeightDecay.host_scalars
+
+    def update(self, b: Any) -> None:
+        coef = b.s("coef")
+        if F.is_zero(coef):
+            return
+        p32 = b.params if b.params[0].dtype == torch.float32 else [p.float() for p in b.params]
+        agree = torch._foreach_sign(torch._foreach_mul(b.u, p32))
+        torch._foreach_add_(agree, 1.0)
+        torch._foreach_clamp_max_(agree, 1.0)  # 1 where u * p >= 0 (zeros pass), else 0
+        torch._foreach_mul_(agree, p32)
+        torch._foreach_mul_(agree, coef)
+        b.add_decay(agree)
+
+
 weight_decay = WeightDecay
+cautious_wd = CautiousWeightDecay

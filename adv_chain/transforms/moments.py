@@ -29,7 +29,8 @@ class ScaleByAdam(Transform):
     type_name = "scale_by_adam"
     default_name = "adam"
     stage = "moment"
-    writes = frozenset({"update", "sig:denom"})
+    writes = frozenset({"update", "sig:denom", "sig:bc1"})
+    optional_signals = frozenset({"sig:bc1"})
     hparams = {"betas": HParam("betas", checks.beta_pair)}
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), amsgrad: bool = False,
@@ -50,7 +51,7 @@ class ScaleByAdam(Transform):
         bc1 = 1.0 - b1 ** h.step if h.hp["bias_correction"] else 1.0
         bc2 = 1.0 - b2 ** h.step if h.hp["bias_correction"] else 1.0
         return {"one_minus_b1": 1.0 - b1, "b2": b2, "one_minus_b2": 1.0 - b2,
-                "inv_bc1": 1.0 / bc1, "sqrt_bc2": math.sqrt(bc2), "amsgrad": h.hp["amsgrad"],
+                "inv_bc1": 1.0 / bc1, "bc1": bc1, "sqrt_bc2": math.sqrt(bc2), "amsgrad": h.hp["amsgrad"],
                 "first_moment": b1 != 0}
 
     static_scalars = frozenset({"amsgrad", "first_moment"})
@@ -73,6 +74,7 @@ class ScaleByAdam(Transform):
             b.set_u(torch._foreach_mul(m, b.s("inv_bc1")))
         # with beta1 = 0 the direction is the gradient itself (no exp_avg is kept)
         b.signals["denom"] = denom
+        b.signals["bc1"] = b.s("bc1")
 
 
 class Momentum(Transform):
@@ -179,7 +181,9 @@ class AdEMAMix(Transform):
     Warm-ups as the paper: ``alpha_warmup=T`` ramps ``alpha_t = alpha * min(t/T, 1)``;
     ``beta3_warmup=T`` moves beta3 from ``beta_start`` (the paper's beta1) to ``beta3`` linearly in
     half-life: ``beta3(t) = 0.5 ** (1 / (1 + (1 - t/T) f(beta_start) + (t/T) f(beta3)))`` with
-    ``f(b) = ln 0.5 / ln b - 1``. State ``exp_avg_slow``; fed by ``group["beta3"]``/``group["alpha"]``.
+    ``f(b) = ln 0.5 / ln b - 1``. ``slow_bias_correction=True`` divides ``m2`` by Adam's
+    ``1 - b1^t`` too, as adv_optm's legacy ``use_AdEMAMix`` does (the paper does not). State
+    ``exp_avg_slow``; fed by ``group["beta3"]``/``group["alpha"]``.
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.scale_by_adam(), ac.ademamix(alpha=5.0), ac.eps_divide(), ac.apply()).names
@@ -189,17 +193,24 @@ class AdEMAMix(Transform):
     type_name = "ademamix"
     default_name = "ademamix"
     stage = "moment"
-    reads = frozenset({"update", "grad"})
+
+    @property
+    def reads(self) -> frozenset[str]:  # type: ignore[override]
+        extra = {"sig:bc1"} if self.args["slow_bias_correction"] else set()
+        return frozenset({"update", "grad", *extra})
     hparams = {"beta3": HParam("beta3", checks.unit_interval), "alpha": HParam("alpha", checks.nonneg)}
 
     def __init__(self, beta3: float = 0.9999, alpha: float = 5.0, alpha_warmup: int | None = None,
-                 beta3_warmup: int | None = None, beta_start: float = 0.9, *, name: str | None = None) -> None:
+                 beta3_warmup: int | None = None, beta_start: float = 0.9, slow_bias_correction: bool = False, *,
+                 name: str | None = None) -> None:
         for arg, value in (("alpha_warmup", alpha_warmup), ("beta3_warmup", beta3_warmup)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{self.type_name}: {arg}={value!r} must be None or an int >= 1 (steps)")
         super().__init__(name=name, beta3=beta3, alpha=alpha, alpha_warmup=alpha_warmup, beta3_warmup=beta3_warmup,
                          beta_start=checks.number(self.type_name, "beta_start", beta_start, lo=0.0, hi=1.0,
-                                                  lo_open=True, hi_open=True))
+                                                  lo_open=True, hi_open=True),
+                         slow_bias_correction=checks.flag(self.type_name, "slow_bias_correction",
+                                                          slow_bias_correction))
 
     def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
         return {"exp_avg_slow": StateSpec(kind="signed", factorable=True)}
@@ -218,7 +229,10 @@ class AdEMAMix(Transform):
         m2 = b.state("exp_avg_slow")
         F.lerp_(m2, b.grads, b.s("one_minus_beta3"))
         u = b.own_u()
-        F.add_scaled_(u, m2, b.s("alpha"))
+        alpha = b.s("alpha")
+        if self.args["slow_bias_correction"]:
+            alpha = alpha / b.signals["bc1"]
+        F.add_scaled_(u, m2, alpha)
 
 
 class SimplifiedAccumulator(Transform):

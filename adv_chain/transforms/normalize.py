@@ -46,6 +46,8 @@ class Atan2Scale(Transform):
     transform published (Adam's ``sqrt(v / (1 - b2^t))``, with ``u = m / (1 - b1^t)``: bias
     correction inside the atan2, as the paper). ``a = 4/pi, b = 1`` is adv_optm's choice (its small
     ratios behave like ``u / denom``); lucidrains' adam-atan2-pytorch uses ``a = 1.27, b = 1``.
+    ``bias_correction="outside"`` reproduces adv_optm's ``use_atan2``: ``a * atan2(m, b*denom) / (1 - b1^t)``
+    (its first step is 27% larger than the paper's).
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.scale_by_adam(), ac.atan2_scale(), ac.apply()).names
@@ -55,12 +57,19 @@ class Atan2Scale(Transform):
     type_name = "atan2_scale"
     default_name = "atan2_scale"
     stage = "normalize"
-    reads = frozenset({"update", "sig:denom"})
     consumes = frozenset({"sig:denom"})
 
-    def __init__(self, a: float = 4 / math.pi, b: float = 1.0, *, name: str | None = None) -> None:
+    def __init__(self, a: float = 4 / math.pi, b: float = 1.0, bias_correction: str = "inside", *,
+                 name: str | None = None) -> None:
         super().__init__(name=name, a=checks.positive(self.type_name, "a", a),
-                         b=checks.positive(self.type_name, "b", b))
+                         b=checks.positive(self.type_name, "b", b),
+                         bias_correction=checks.choice(self.type_name, "bias_correction", bias_correction,
+                                                       ("inside", "outside")))
+
+    @property
+    def reads(self) -> frozenset[str]:  # type: ignore[override]
+        extra = {"sig:bc1"} if self.args["bias_correction"] == "outside" else set()
+        return frozenset({"update", "sig:denom", *extra})
 
     def host_scalars(self, h: HostView) -> dict[str, Any]:
         return {"a": h.hp["a"], "b": h.hp["b"]}
@@ -68,9 +77,15 @@ class Atan2Scale(Transform):
     def update(self, b: Any) -> None:
         denom = b.signals.pop("denom")
         F.scale_(denom, b.s("b"))
+        num = b.u
+        a = b.s("a")
+        if self.args["bias_correction"] == "outside":
+            bc1 = b.signals["bc1"]
+            num = torch._foreach_mul(num, bc1)
+            a = a / bc1
         # torch has no multi-tensor atan2: one op per tensor (fused under compile=True)
-        u = [torch.atan2(x, d) for x, d in zip(b.u, denom)]
-        torch._foreach_mul_(u, b.s("a"))
+        u = [torch.atan2(x, d) for x, d in zip(num, denom)]
+        torch._foreach_mul_(u, a)
         b.set_u(u)
 
 

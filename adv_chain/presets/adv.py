@@ -1,0 +1,117 @@
+"""The adv_optm family as chains, accepting the reference's keywords (2.5.16 and legacy 2.2.3).
+
+Each preset maps the reference's flags onto transforms; :mod:`adv_chain.optim` wraps them as
+drop-in classes (``AdamW_adv``...). The drop-ins reproduce the reference's numbers: they select
+the transform options that match its deviations from the papers (e.g. atan2 with the bias
+correction outside). Known reference bugs are fixed, never reproduced. Flags whose features are
+not in adv_chain yet raise ``NotImplementedError`` naming the flag, never silently ignored.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from .. import transforms as T
+from .._core import checks
+from .._core.chain import Chain, chain
+from .._core.transform import Transform
+from ._registry import register
+from .classic import terminal
+
+_ORTHO_MODES = ("disabled", "flattened", "iterative", True, False)
+
+
+def not_yet(preset: str, **flags: Any) -> None:
+    """Raise for a reference flag set to a value whose feature adv_chain does not have yet."""
+    for flag, value in flags.items():
+        raise NotImplementedError(
+            f"{preset}: {flag}={value!r} selects a feature adv_chain does not implement yet; leave it at its "
+            "default (or use the reference optimizer for it)")
+
+
+def gradient_stage(preset: str, orthogonal_gradient: Any) -> tuple[Transform, ...]:
+    """OrthoGrad from the reference's ``orthogonal_gradient`` (2.5.16 string or legacy bool)."""
+    if orthogonal_gradient not in _ORTHO_MODES or isinstance(orthogonal_gradient, int) and not isinstance(
+            orthogonal_gradient, bool):
+        raise ValueError(f"{preset}: orthogonal_gradient={orthogonal_gradient!r} must be 'disabled', 'flattened', "
+                         "'iterative' or (legacy) a bool")
+    if orthogonal_gradient == "iterative":
+        not_yet(preset, orthogonal_gradient="iterative")
+    return (T.orthograd(),) if orthogonal_gradient in ("flattened", True) else ()
+
+
+def direction_mask(preset: str, cautious_mask: bool, grams_moment: bool) -> tuple[Transform, ...]:
+    """The legacy masks: Grams takes precedence over cautious (with a warning), as the reference."""
+    checks.flag(preset, "cautious_mask", cautious_mask)
+    checks.flag(preset, "grams_moment", grams_moment)
+    if grams_moment and cautious_mask:
+        warnings.warn(f"{preset}: cautious_mask and grams_moment are both set; Grams takes precedence and the "
+                      "cautious mask is off (as in adv_optm)", stacklevel=3)
+    if grams_moment:
+        return (T.grams(),)
+    return (T.cautious(rescale="mean"),) if cautious_mask else ()
+
+
+def decay_stage(weight_decay: float, cautious_wd: bool) -> Transform:
+    if checks.flag("preset", "cautious_wd", cautious_wd):
+        return T.cautious_wd(weight_decay, name="weight_decay")
+    return T.weight_decay(weight_decay)
+
+
+@register
+def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-8, weight_decay: float = 0.0,
+              fisher_wd: bool = False, cautious_wd: bool = False, use_bias_correction: bool = True,
+              stochastic_rounding: bool = True, use_atan2: bool = False, orthogonal_gradient: Any = "disabled",
+              nesterov: bool = False, nesterov_coef: float | None = None, normed_momentum: bool = False,
+              kourkoutas_beta: bool = False, beta2_min: float = 0.9, ema_alpha: float = 0.95,
+              tiny_spike: float = 1e-9, k_warmup_steps: int = 0, k_logging: int = 0,
+              spectral_normalization: bool = False, centered_wd: float = 0.0, centered_wd_mode: str = "float8",
+              state_precision: str = "auto", factored_2nd: bool = False, nnmf_factor: bool = False,
+              vector_reshape: bool = False, cautious_mask: bool = False, grams_moment: bool = False,
+              use_AdEMAMix: bool = False, beta3_ema: float = 0.9999, alpha: float = 5.0, seed: int = 0) -> Chain:
+    """adv_optm's ``AdamW_adv`` (2.5.16 keywords, plus the legacy 2.2.3 ``cautious_mask``,
+    ``grams_moment``, ``use_AdEMAMix``/``beta3_ema``/``alpha`` and bool ``orthogonal_gradient``).
+
+    ``orthogonal_gradient='flattened'`` -> :func:`orthograd`; ``use_atan2`` -> :func:`atan2_scale`
+    with the reference's bias correction outside; ``cautious_wd`` -> :func:`cautious_wd`;
+    ``use_AdEMAMix`` -> :func:`ademamix` with the slow EMA bias-corrected (legacy behaviour);
+    ``cautious_mask`` -> :func:`cautious` with the reference's mean rescale; ``grams_moment`` ->
+    :func:`grams`; ``stochastic_rounding`` -> :func:`stochastic_round_apply` (bf16 weights).
+    Moments stay fp32 for bf16 weights (the reference keeps them in bf16).
+
+    >>> import adv_chain as ac
+    >>> ac.presets.adamw_adv(use_atan2=True, orthogonal_gradient="flattened").names
+    ('orthograd', 'adam', 'atan2_scale', 'weight_decay', 'apply')
+    """
+    name = "adamw_adv"
+    if fisher_wd:
+        not_yet(name, fisher_wd=fisher_wd)
+    if nesterov:
+        not_yet(name, nesterov=nesterov)
+    if normed_momentum:
+        not_yet(name, normed_momentum=normed_momentum)
+    if kourkoutas_beta:
+        not_yet(name, kourkoutas_beta=kourkoutas_beta)
+    if spectral_normalization:
+        not_yet(name, spectral_normalization=spectral_normalization)
+    if centered_wd:
+        not_yet(name, centered_wd=centered_wd)
+    if state_precision != "auto":
+        not_yet(name, state_precision=state_precision)
+    if factored_2nd:
+        not_yet(name, factored_2nd=factored_2nd)
+    if nnmf_factor:
+        not_yet(name, nnmf_factor=nnmf_factor)
+    if eps is None:
+        not_yet(name, eps=None)
+    checks.flag(name, "use_AdEMAMix", use_AdEMAMix)
+    checks.flag(name, "use_atan2", use_atan2)
+    return chain(
+        *gradient_stage(name, orthogonal_gradient),
+        T.scale_by_adam(betas=betas, bias_correction=checks.flag(name, "use_bias_correction", use_bias_correction)),
+        *((T.ademamix(beta3=beta3_ema, alpha=alpha, slow_bias_correction=True),) if use_AdEMAMix else ()),
+        T.atan2_scale(bias_correction="outside") if use_atan2 else T.eps_divide(eps),
+        *direction_mask(name, cautious_mask, grams_moment),
+        decay_stage(weight_decay, cautious_wd),
+        terminal(stochastic_rounding=stochastic_rounding, seed=seed),
+    )

@@ -1,0 +1,121 @@
+"""ac.optim.AdamW_adv against the installed adv-optm 2.5.16 (2.5.16 keywords) and against the spec's
+§9 formulas (legacy 2.2.3 keywords), fp32, 50 steps with a scheduler."""
+import adv_optm
+import pytest
+import torch
+
+import adv_chain as ac
+
+
+def _train(make, steps=50, legacy_oracle=None):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(),
+                                torch.nn.Linear(32, 3))
+    opt = make(model.parameters())
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps, cycle_momentum=False)
+    x, y = torch.randn(64, 10), torch.randn(64, 3)
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        opt.step()
+        sched.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+CASES_2_5_16 = [
+    {},
+    {"weight_decay": 0.1},
+    {"use_atan2": True},
+    {"orthogonal_gradient": "flattened"},
+    {"cautious_wd": True, "weight_decay": 0.1},
+    {"use_bias_correction": False},
+    {"betas": (0.0, 0.99)},
+    {"eps": 1e-6, "betas": (0.8, 0.95)},
+    {"use_atan2": True, "orthogonal_gradient": "flattened", "weight_decay": 0.1, "cautious_wd": True},
+]
+
+
+@pytest.mark.parametrize("kwargs", CASES_2_5_16, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults")
+def test_adamw_adv_matches_adv_optm_2_5_16(kwargs):
+    ref = _train(lambda p: adv_optm.AdamW_adv(p, lr=1e-2, **kwargs))
+    ours = _train(lambda p: ac.optim.AdamW_adv(p, lr=1e-2, **kwargs))
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def _legacy_oracle(params, steps_grads, lr, betas=(0.9, 0.999), eps=1e-8, cautious_mask=False, grams_moment=False,
+                   use_AdEMAMix=False, beta3=0.9999, alpha=5.0):
+    """Spec §2.1 with §9.1-§9.3 (legacy AdamW_adv), per tensor, written from the formulas."""
+    b1, b2 = betas
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    m2 = [torch.zeros_like(p) for p in params]
+    params = [p.clone() for p in params]
+    for t, grads in enumerate(steps_grads, start=1):
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        for i, g in enumerate(grads):
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            d = v[i].sqrt() / bc2 ** 0.5 + eps
+            m[i] = b1 * m[i] + (1 - b1) * g
+            num = m[i]
+            if grams_moment:
+                num = m[i].abs() * g.sign()
+            elif cautious_mask:
+                phi = (m[i] * g > 0).float()
+                num = m[i] * phi / max(phi.mean().item(), 1e-3)
+            if use_AdEMAMix:
+                m2[i] = beta3 * m2[i] + (1 - beta3) * g
+                num = num + alpha * m2[i]
+            params[i] = params[i] - lr / bc1 * num / d
+    return params
+
+
+@pytest.mark.parametrize("legacy", [{"cautious_mask": True}, {"grams_moment": True}, {"use_AdEMAMix": True, "alpha": 2.0}])
+def test_legacy_keywords_follow_the_spec_formulas(legacy):
+    torch.manual_seed(0)
+    shapes = [(6, 5), (5,)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(20)]
+    opt = ac.optim.AdamW_adv(params, lr=1e-2, stochastic_rounding=False, **legacy)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+    expected = _legacy_oracle(start, grads, 1e-2, **legacy)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, atol=1e-5, rtol=0)
+
+
+def test_grams_wins_over_cautious_with_a_warning_and_a_hand_chain_refuses_both():
+    with pytest.warns(UserWarning, match="Grams takes precedence"):
+        chain = ac.presets.adamw_adv(cautious_mask=True, grams_moment=True)
+    assert "grams" in chain.names and "cautious" not in chain.names
+    with pytest.raises(ValueError, match="grams.*cautious|cautious.*grams"):
+        ac.chain(ac.scale_by_adam(), ac.eps_divide(), ac.grams(), ac.cautious(), ac.apply())
+
+
+def test_ablation_ergonomics():
+    variant = ac.presets.adamw_adv(cautious_mask=True).replace("cautious", ac.grams())
+    assert variant.names == ("adam", "eps_divide", "grams", "weight_decay", "apply")
+    assert "grams()" in repr(variant)
+
+
+def test_preset_lookup_ignores_case_and_aliases_exist():
+    assert ac.presets.get("ADAMW_ADV", use_atan2=True) == ac.presets.adamw_adv(use_atan2=True)
+    assert ac.optim.Adam_Adv is ac.optim.AdamW_adv
+
+
+@pytest.mark.parametrize("flag", [{"kourkoutas_beta": True}, {"nnmf_factor": True}, {"state_precision": "bf16_sr"},
+                                  {"fisher_wd": True}, {"nesterov": True}, {"centered_wd": 0.1},
+                                  {"orthogonal_gradient": "iterative"}, {"spectral_normalization": True}])
+def test_features_not_yet_in_adv_chain_are_refused_by_name(flag):
+    (name, value), = flag.items()
+    with pytest.raises(NotImplementedError, match=name):
+        ac.optim.AdamW_adv([torch.nn.Parameter(torch.zeros(2))], **flag)
+
+
+def test_legacy_bool_orthogonal_gradient_works():
+    assert ac.presets.adamw_adv(orthogonal_gradient=True) == ac.presets.adamw_adv(orthogonal_gradient="flattened")
+    assert "orthograd" not in ac.presets.adamw_adv(orthogonal_gradient=False).names
