@@ -370,8 +370,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         if self._compile_options is not None:
             scalars = self._tensor_scalars(w, seg)
             keys = self._key_tensors(w)
-            for i in range(len(w.params)):
-                pieces = [(i, None, None)]
+            # one call per group of same-sized tensors: the compiled kernel loops over them in one go
+            by_size: dict[int, list[tuple[int, Any, Any]]] = {}
+            for i, p in enumerate(w.params):
+                by_size.setdefault(p.numel(), []).append((i, None, None))
+            for pieces in by_size.values():
                 self._run_pieces(si, seg, w, pieces, source, owned, states, scalars, keys)
             return
         pieces = []
