@@ -27,8 +27,18 @@ def _implementation_flags(owner: str, *, differentiable: bool = False, **_accept
 
 class _DropIn(ChainOptimizer):
     def __init__(self, params: Iterable[Any], chain: Any, lr: float, compile: "bool | Mapping[str, Any]",
-                 state_dtype: str) -> None:
+                 state_dtype: str, maximize: bool = False) -> None:
+        self._maximize = maximize
         super().__init__(params, chain, lr=lr, compile=compile, state_dtype=state_dtype)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # torch reads `maximize` per group; a chain fixes it when it is built, so refuse a group that
+        # asks for the other direction rather than silently ignoring it
+        if "maximize" in param_group and bool(param_group["maximize"]) != self._maximize:
+            raise ValueError(f"{type(self).__name__}: param group maximize={param_group['maximize']!r} differs from "
+                             f"the optimizer's maximize={self._maximize}; per-group maximize is not supported, "
+                             "use one optimizer per direction")
+        super().add_param_group(param_group)
 
 
 class SGD(_DropIn):
@@ -42,7 +52,7 @@ class SGD(_DropIn):
         _implementation_flags("SGD", differentiable=differentiable, foreach=foreach, fused=fused)
         chain = presets.sgd(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                             maximize=maximize, stochastic_rounding=stochastic_rounding, kahan_sum=kahan_sum)
-        super().__init__(params, chain, lr, compile, state_dtype)
+        super().__init__(params, chain, lr, compile, state_dtype, maximize)
 
 
 class Adam(_DropIn):
@@ -59,7 +69,7 @@ class Adam(_DropIn):
         chain = presets.adam(betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                              decoupled_weight_decay=decoupled_weight_decay,
                              stochastic_rounding=stochastic_rounding, kahan_sum=kahan_sum)
-        super().__init__(params, chain, lr, compile, state_dtype)
+        super().__init__(params, chain, lr, compile, state_dtype, maximize)
 
 
 class AdamW(_DropIn):
@@ -74,7 +84,7 @@ class AdamW(_DropIn):
                               fused=fused)
         chain = presets.adamw(betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                               stochastic_rounding=stochastic_rounding, kahan_sum=kahan_sum)
-        super().__init__(params, chain, lr, compile, state_dtype)
+        super().__init__(params, chain, lr, compile, state_dtype, maximize)
 
 
 class Lion(_DropIn):

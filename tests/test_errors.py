@@ -212,7 +212,7 @@ def test_chain_with_preset_keywords():
 def test_unknown_namespaced_group_key_lists_known_ones():
     with pytest.raises(ValueError, match=re.escape(
             "param group 0: unknown hyperparameter 'adam.beta'; this chain's namespaced hyperparameters are "
-            "['adam.betas', 'eps_divide.eps', 'weight_decay.weight_decay']")):
+            "['adam.amsgrad', 'adam.betas', 'eps_divide.eps', 'weight_decay.weight_decay']")):
         ac.ChainOptimizer([{"params": [param()], "adam.beta": (0.9, 0.99)}], "adamw")
 
 

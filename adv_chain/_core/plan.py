@@ -73,10 +73,21 @@ def segment_body(transforms: tuple[Transform, ...], params: list[torch.Tensor], 
     return None
 
 
+def _dense(x: torch.Tensor) -> bool:
+    """True if the elements of ``x`` fill a contiguous block of memory without overlap, in some
+    order of dimensions (e.g. ``channels_last``)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def flat_view(x: torch.Tensor) -> torch.Tensor | None:
     """A 1-D view over all elements of ``x`` in memory order, or ``None`` if ``x`` is not dense."""
     if x.is_contiguous():
         return x.view(-1)
-    if x.is_non_overlapping_and_dense():
+    if _dense(x):
         return x.as_strided((x.numel(),), (1,), x.storage_offset())
     return None

@@ -16,7 +16,8 @@ class ScaleByAdam(Transform):
 
     ``m = b1*m + (1-b1)*g``, ``v = b2*v + (1-b2)*g^2``; emits ``u = m / (1-b1^t)`` and publishes
     ``denom = sqrt(v) / sqrt(1-b2^t)`` for a consumer (:func:`eps_divide`).
-    ``amsgrad=True`` uses the running maximum of ``v`` (Reddi et al., 2018) as torch does;
+    ``amsgrad=True`` uses the running maximum of ``v`` (Reddi et al., 2018) as torch does (a param
+    group may set it, as torch allows);
     ``bias_correction=False`` drops both corrections. With ``beta1 = 0`` no first moment is kept and
     the gradient passes through (the second-moment half, e.g. under :func:`simplified_accumulator`).
     ``betas`` is fed by ``group["betas"]``.
@@ -31,7 +32,7 @@ class ScaleByAdam(Transform):
     stage = "moment"
     writes = frozenset({"update", "sig:denom", "sig:bc1"})
     optional_signals = frozenset({"sig:bc1"})
-    hparams = {"betas": HParam("betas", checks.beta_pair)}
+    hparams = {"betas": HParam("betas", checks.beta_pair), "amsgrad": HParam("amsgrad", checks.flag)}
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), amsgrad: bool = False,
                  bias_correction: bool = True, *, name: str | None = None) -> None:
