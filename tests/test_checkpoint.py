@@ -137,3 +137,22 @@ def test_param_group_hyperparameters_are_saved_and_restored():
     opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["adam.betas"] == (0.8, 0.99) or list(opt2.param_groups[0]["adam.betas"]) == [0.8, 0.99]
     assert opt2.param_groups[1]["lr"] == 0.5
+
+
+def test_one_group_may_mix_dtypes_and_each_bucket_matches_a_separate_run():
+    torch.manual_seed(0)
+    a32 = torch.nn.Parameter(torch.randn(8, 4))
+    b16 = torch.nn.Parameter(torch.randn(6).to(torch.bfloat16))
+    twins = [torch.nn.Parameter(a32.detach().clone()), torch.nn.Parameter(b16.detach().clone())]
+    mixed = ac.ChainOptimizer([a32, b16], "adamw", lr=1e-2)
+    separate = [ac.ChainOptimizer([t], "adamw", lr=1e-2) for t in twins]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grads = [torch.randn(8, 4, generator=gen), torch.randn(6, generator=gen).to(torch.bfloat16)]
+        for p, t, g in zip((a32, b16), twins, grads):
+            p.grad, t.grad = g.clone(), g.clone()
+        mixed.step()
+        for o in separate:
+            o.step()
+    assert torch.equal(a32, twins[0]) and torch.equal(b16, twins[1])
+    assert b16.dtype == torch.bfloat16 and mixed.state[b16]["adam/exp_avg"].dtype == torch.float32
