@@ -134,7 +134,29 @@ class AdamW_adv(_DropIn):  # noqa: N801 - the reference's class name
         super().__init__(params, chain, lr, compile or compiled_optimizer, state_dtype)
 
 
-#: the name the seeds' documents and OneTrainer use
-Adam_Adv = AdamW_adv
+class Lion_adv(_DropIn):  # noqa: N801 - the reference's class name
+    """adv_optm's ``Lion_adv`` as a chain (preset ``lion_adv``): the 2.5.16 keywords and the legacy
+    ``cautious_mask``/``clip_threshold``; ``compiled_optimizer=True`` means ``compile=True`` (the
+    reference ignores it). Unlike adv-optm 2.5.16, it loads its own ``state_dict``."""
 
-__all__ = ["SGD", "Adam", "AdamW", "Lion", "AdamW_adv", "Adam_Adv"]
+    def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, cautious_wd: bool = False, stochastic_rounding: bool = True,
+                 orthogonal_gradient: Any = "disabled", kappa_p: float = 1.0, auto_kappa_p: bool = False,
+                 stochastic_sign: bool = False, centered_wd: float = 0.0, centered_wd_mode: str = "float8",
+                 spectral_normalization: bool = False, nnmf_factor: bool = False, vector_reshape: bool = False,
+                 compiled_optimizer: bool = False, cautious_mask: bool = False, clip_threshold: float = 0.0, *,
+                 compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32", seed: int = 0) -> None:
+        chain = presets.lion_adv(
+            betas=betas, weight_decay=weight_decay, cautious_wd=cautious_wd, stochastic_rounding=stochastic_rounding,
+            orthogonal_gradient=orthogonal_gradient, kappa_p=kappa_p, auto_kappa_p=auto_kappa_p,
+            stochastic_sign=stochastic_sign, centered_wd=centered_wd, centered_wd_mode=centered_wd_mode,
+            spectral_normalization=spectral_normalization, nnmf_factor=nnmf_factor, vector_reshape=vector_reshape,
+            cautious_mask=cautious_mask, clip_threshold=clip_threshold, seed=seed)
+        super().__init__(params, chain, lr, compile or compiled_optimizer, state_dtype)
+
+
+#: the names the seeds' documents and OneTrainer use
+Adam_Adv = AdamW_adv
+Lion_Adv = Lion_adv
+
+__all__ = ["SGD", "Adam", "AdamW", "Lion", "AdamW_adv", "Adam_Adv", "Lion_adv", "Lion_Adv"]

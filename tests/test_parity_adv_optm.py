@@ -119,3 +119,45 @@ def test_features_not_yet_in_adv_chain_are_refused_by_name(flag):
 def test_legacy_bool_orthogonal_gradient_works():
     assert ac.presets.adamw_adv(orthogonal_gradient=True) == ac.presets.adamw_adv(orthogonal_gradient="flattened")
     assert "orthograd" not in ac.presets.adamw_adv(orthogonal_gradient=False).names
+
+
+LION_CASES = [{}, {"weight_decay": 0.1}, {"cautious_wd": True, "weight_decay": 0.1},
+              {"orthogonal_gradient": "flattened"}, {"betas": (0.8, 0.95)}]
+
+
+@pytest.mark.parametrize("kwargs", LION_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults")
+def test_lion_adv_matches_adv_optm_2_5_16(kwargs):
+    ref = _train(lambda p: adv_optm.Lion_adv(p, lr=1e-3, **kwargs))
+    ours = _train(lambda p: ac.optim.Lion_adv(p, lr=1e-3, **kwargs))
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_lion_adv_loads_its_own_state_dict():
+    """adv-optm 2.5.16's Lion_adv fails here (KeyError: 'actual_state_precision'); ours round-trips."""
+    model = torch.nn.Linear(4, 2)
+    opt = ac.optim.Lion_adv(model.parameters(), lr=1e-3)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    fresh = ac.optim.Lion_adv(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(opt.state_dict())
+    assert torch.equal(fresh.state[model.weight]["lion/exp_avg"], opt.state[model.weight]["lion/exp_avg"])
+
+
+def test_legacy_lion_cautious_mask_follows_the_spec():
+    """Spec §9.2, Lion family: mask between the post-sign update and g, mean rescale."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(40))
+    start = p.detach().clone()
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(40, generator=gen) for _ in range(10)]
+    opt = ac.optim.Lion_adv([p], lr=1e-2, cautious_mask=True, stochastic_rounding=False)
+    m, w = torch.zeros(40), start.clone()
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        u = (0.9 * m + 0.1 * g).sign()
+        m = 0.99 * m + 0.01 * g
+        phi = (u * g > 0).float()
+        w = w - 1e-2 * u * phi / max(phi.mean().item(), 1e-3)
+    torch.testing.assert_close(p.detach(), w, atol=1e-6, rtol=0)

@@ -115,3 +115,41 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
         decay_stage(weight_decay, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),
     )
+
+
+@register
+def lion_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, cautious_wd: bool = False,
+             stochastic_rounding: bool = True, orthogonal_gradient: Any = "disabled", kappa_p: float = 1.0,
+             auto_kappa_p: bool = False, stochastic_sign: bool = False, centered_wd: float = 0.0,
+             centered_wd_mode: str = "float8", spectral_normalization: bool = False, nnmf_factor: bool = False,
+             vector_reshape: bool = False, cautious_mask: bool = False, clip_threshold: float = 0.0,
+             seed: int = 0) -> Chain:
+    """adv_optm's ``Lion_adv`` (2.5.16 keywords plus the legacy ``cautious_mask``/``clip_threshold``):
+    :func:`scale_by_lion` (sign of ``b1*m + (1-b1)*g``), decay ``lr * weight_decay``, and the
+    stochastic-rounding terminal. ``cautious_mask`` masks the post-sign update against the gradient
+    with the reference's mean rescale.
+
+    >>> import adv_chain as ac
+    >>> ac.presets.lion_adv(weight_decay=0.1, cautious_wd=True).names
+    ('lion', 'weight_decay', 'apply')
+    """
+    name = "lion_adv"
+    if kappa_p != 1.0 or auto_kappa_p:
+        not_yet(name, **({"kappa_p": kappa_p} if kappa_p != 1.0 else {"auto_kappa_p": auto_kappa_p}))
+    if stochastic_sign:
+        not_yet(name, stochastic_sign=stochastic_sign)
+    if centered_wd:
+        not_yet(name, centered_wd=centered_wd)
+    if spectral_normalization:
+        not_yet(name, spectral_normalization=spectral_normalization)
+    if nnmf_factor:
+        not_yet(name, nnmf_factor=nnmf_factor)
+    if clip_threshold:
+        not_yet(name, clip_threshold=clip_threshold)
+    return chain(
+        *gradient_stage(name, orthogonal_gradient),
+        T.scale_by_lion(betas=betas),
+        *direction_mask(name, cautious_mask, False),
+        decay_stage(weight_decay, cautious_wd),
+        terminal(stochastic_rounding=stochastic_rounding, seed=seed),
+    )
