@@ -155,8 +155,57 @@ class Lion_adv(_DropIn):  # noqa: N801 - the reference's class name
         super().__init__(params, chain, lr, compile or compiled_optimizer, state_dtype)
 
 
+def _default_clip_lambda(step: int) -> float:
+    return step ** 0.25
+
+
+def _clip_exponent(clip_lambda: Any) -> float | None:
+    """adv_optm's ``clip_lambda`` callable as the exponent of ``step ** p`` (None: no clip)."""
+    if clip_lambda is None:
+        return None
+    if callable(clip_lambda):
+        for p in (0.25, 0.5, 1.0 / 3.0):
+            if all(abs(clip_lambda(t) - t ** p) <= 1e-12 * max(1.0, t ** p) for t in (1, 2, 3, 10, 1000)):
+                return p
+    raise NotImplementedError(f"Adopt_adv: clip_lambda={clip_lambda!r} is not a power schedule step**p with p in "
+                              "(1/4, 1/3, 1/2); use the adopt_adv preset's clip_exponent for another power")
+
+
+class Adopt_adv(_DropIn):  # noqa: N801 - the reference's class name
+    """adv_optm's ``Adopt_adv`` as a chain (preset ``adopt_adv``): the 2.5.16 keywords and the legacy
+    ``cautious_mask``/``grams_moment``; ``clip_lambda`` may be the default ``step**0.25``, another
+    power ``step**p`` or ``None``."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.9999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, fisher_wd: bool = False, cautious_wd: bool = False,
+                 clip_lambda: Any = _default_clip_lambda, use_atan2: bool = False, stochastic_rounding: bool = True,
+                 orthogonal_gradient: Any = "disabled", nesterov: bool = False, nesterov_coef: float | None = None,
+                 kourkoutas_beta: bool = False, beta2_min: float = 0.9, ema_alpha: float = 0.95,
+                 tiny_spike: float = 1e-9, k_warmup_steps: int = 0, k_logging: int = 0, layer_key_fn: Any = None,
+                 spectral_normalization: bool = False, centered_wd: float = 0.0, centered_wd_mode: str = "float8",
+                 state_precision: str = "auto", factored_2nd: bool = False, nnmf_factor: bool = False,
+                 vector_reshape: bool = False, compiled_optimizer: bool = False, cautious_mask: bool = False,
+                 grams_moment: bool = False, use_AdEMAMix: bool = False, beta3_ema: float = 0.9999, alpha: float = 5.0,
+                 Simplified_AdEMAMix: bool = False, alpha_grad: float = 100.0, *,  # noqa: N803
+                 compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32", seed: int = 0) -> None:
+        if layer_key_fn is not None:
+            presets.adv.not_yet("Adopt_adv", layer_key_fn=layer_key_fn)
+        chain = presets.adopt_adv(
+            betas=betas, eps=eps, weight_decay=weight_decay, fisher_wd=fisher_wd, cautious_wd=cautious_wd,
+            clip_exponent=_clip_exponent(clip_lambda), use_atan2=use_atan2, stochastic_rounding=stochastic_rounding,
+            orthogonal_gradient=orthogonal_gradient, nesterov=nesterov, nesterov_coef=nesterov_coef,
+            kourkoutas_beta=kourkoutas_beta, beta2_min=beta2_min, ema_alpha=ema_alpha, tiny_spike=tiny_spike,
+            k_warmup_steps=k_warmup_steps, k_logging=k_logging, spectral_normalization=spectral_normalization,
+            centered_wd=centered_wd, centered_wd_mode=centered_wd_mode, state_precision=state_precision,
+            factored_2nd=factored_2nd, nnmf_factor=nnmf_factor, vector_reshape=vector_reshape,
+            cautious_mask=cautious_mask, grams_moment=grams_moment, use_AdEMAMix=use_AdEMAMix, beta3_ema=beta3_ema,
+            alpha=alpha, Simplified_AdEMAMix=Simplified_AdEMAMix, alpha_grad=alpha_grad, seed=seed)
+        super().__init__(params, chain, lr, compile or compiled_optimizer, state_dtype)
+
+
 #: the names the seeds' documents and OneTrainer use
 Adam_Adv = AdamW_adv
 Lion_Adv = Lion_adv
+Adopt_Adv = Adopt_adv
 
-__all__ = ["SGD", "Adam", "AdamW", "Lion", "AdamW_adv", "Adam_Adv", "Lion_adv", "Lion_Adv"]
+__all__ = ["SGD", "Adam", "AdamW", "Lion", "AdamW_adv", "Adam_Adv", "Lion_adv", "Lion_Adv", "Adopt_adv", "Adopt_Adv"]

@@ -161,3 +161,57 @@ def test_legacy_lion_cautious_mask_follows_the_spec():
         phi = (u * g > 0).float()
         w = w - 1e-2 * u * phi / max(phi.mean().item(), 1e-3)
     torch.testing.assert_close(p.detach(), w, atol=1e-6, rtol=0)
+
+
+ADOPT_CASES = [({}, 1e-2), ({"weight_decay": 0.1}, 1e-2), ({"use_atan2": True}, 1e-2),
+               ({"cautious_wd": True, "weight_decay": 0.1}, 1e-2), ({"clip_lambda": None}, 1e-2),
+               ({"betas": (0.0, 0.99)}, 1e-3)]
+
+
+@pytest.mark.parametrize("kwargs, lr", ADOPT_CASES, ids=lambda c: str(c))
+def test_adopt_adv_matches_adv_optm_2_5_16(kwargs, lr):
+    def train(make):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 3))
+        opt = make(model.parameters())
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=50, cycle_momentum=False)
+        x, y = torch.randn(64, 10), torch.randn(64, 3)
+        for _ in range(50):
+            opt.zero_grad()
+            (model(x) - y).square().mean().backward()
+            opt.step()
+            sched.step()
+        return list(model.parameters())
+    ref = train(lambda p: adv_optm.Adopt_adv(p, lr=lr, **kwargs))
+    ours = train(lambda p: ac.optim.Adopt_adv(p, lr=lr, **kwargs))
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b.detach(), a.detach(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("offset", [0, -1])
+def test_scale_by_adopt_follows_the_adopt_formulas(offset):
+    """arXiv 2411.02853 (offset 0: clip (t)^(1/4) with t counting the init step) and adv_optm's
+    shifted clip (offset -1); step 1 only initializes v and writes nothing, not even decay."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(30))
+    start = p.detach().clone()
+    gen = torch.Generator().manual_seed(9)
+    grads = [torch.randn(30, generator=gen) * (1 + 3 * (i == 2)) for i in range(8)]
+    chain = ac.chain(ac.scale_by_adopt(betas=(0.9, 0.99), eps=1e-6, clip_step_offset=offset), ac.weight_decay(0.5),
+                     ac.apply())
+    opt = ac.ChainOptimizer([p], chain, lr=1e-2)
+    w, m, v = start.clone(), torch.zeros(30), None
+    for t, g in enumerate(grads, start=1):
+        p.grad = g.clone()
+        opt.step()
+        if t == 1:
+            v = g * g
+            assert torch.equal(p.detach(), start)
+            continue
+        lam = (t + offset) ** 0.25
+        n = (g / (v.sqrt() + 1e-6)).clamp(-lam, lam)
+        m = 0.9 * m + 0.1 * n
+        v = 0.99 * v + 0.01 * g * g
+        w = w * (1 - 1e-2 * 0.5) - 1e-2 * m
+    torch.testing.assert_close(p.detach(), w, atol=1e-6, rtol=0)

@@ -15,6 +15,7 @@ chain runs on data still in cache). All lists are aligned: ``b.params[i]``, ``b.
   under ``compile=True``; either works with the helpers in :mod:`adv_chain._core.foreach`.
 * ``b.signals`` - per-step values published by one transform for a later one (``"denom"``).
 * ``b.decay_coef`` / ``b.decay`` - decay the terminal applies: ``p * (1 - decay_coef) - decay``.
+* ``b.skip_apply`` - set when this step must not touch the parameters at all (no update, no decay).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ Tensors = list[torch.Tensor]
 
 class Bucket:
     __slots__ = ("params", "u", "grads", "signals", "decay_coef", "decay", "_u_owned", "_states",
-                 "_scalars", "_current", "offsets", "noise_keys", "_frozen")
+                 "_scalars", "_current", "offsets", "noise_keys", "_frozen", "skip_apply")
 
     def __init__(self, params: Tensors, u: Tensors, states: Mapping[str, Mapping[str, Tensors]],
                  scalars: Mapping[str, Mapping[str, Any]], *, grads: Tensors | None = None,
@@ -41,6 +42,7 @@ class Bucket:
         self.signals: dict[str, Any] = {}
         self.decay_coef: Any = 0.0
         self.decay: Tensors | None = None
+        self.skip_apply = False  # set by a transform whose step only initializes state (ADOPT's first)
         self._states = states
         self._scalars = scalars
         self._current = ""

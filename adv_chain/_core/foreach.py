@@ -61,3 +61,13 @@ def add_scalar_(xs: Tensors, value: Any) -> None:
 def scale_(xs: Tensors, factor: Any) -> None:
     if not is_one(factor):
         torch._foreach_mul_(xs, factor)
+
+
+def clamp_(xs: Tensors, lo: Any, hi: Any) -> None:
+    """xs = min(max(xs, lo), hi)"""
+    if is_tensor(lo):
+        torch._foreach_maximum_(xs, [lo] * len(xs))
+        torch._foreach_minimum_(xs, [hi] * len(xs))
+    else:
+        torch._foreach_clamp_min_(xs, lo)
+        torch._foreach_clamp_max_(xs, hi)

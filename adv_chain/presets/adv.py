@@ -153,3 +153,43 @@ def lion_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0
         decay_stage(weight_decay, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),
     )
+
+
+@register
+def adopt_adv(betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6, weight_decay: float = 0.0,
+              fisher_wd: bool = False, cautious_wd: bool = False, clip_exponent: float | None = 0.25,
+              use_atan2: bool = False, stochastic_rounding: bool = True, orthogonal_gradient: Any = "disabled",
+              nesterov: bool = False, nesterov_coef: float | None = None, kourkoutas_beta: bool = False,
+              beta2_min: float = 0.9, ema_alpha: float = 0.95, tiny_spike: float = 1e-9, k_warmup_steps: int = 0,
+              k_logging: int = 0, spectral_normalization: bool = False, centered_wd: float = 0.0,
+              centered_wd_mode: str = "float8", state_precision: str = "auto", factored_2nd: bool = False,
+              nnmf_factor: bool = False, vector_reshape: bool = False, cautious_mask: bool = False,
+              grams_moment: bool = False, use_AdEMAMix: bool = False, beta3_ema: float = 0.9999, alpha: float = 5.0,
+              Simplified_AdEMAMix: bool = False, alpha_grad: float = 100.0, seed: int = 0) -> Chain:  # noqa: N803
+    """adv_optm's ``Adopt_adv``: :func:`scale_by_adopt` with the reference's clip schedule
+    (``clip_step_offset=-1``; ``clip_exponent`` stands for its default ``clip_lambda = step**0.25``,
+    ``None`` for no clip) and, with ``use_atan2``, no skipped first step (as the reference).
+
+    >>> import adv_chain as ac
+    >>> ac.presets.adopt_adv(weight_decay=0.01).names
+    ('adopt', 'weight_decay', 'apply')
+    """
+    name = "adopt_adv"
+    flags = {"fisher_wd": fisher_wd, "nesterov": nesterov, "kourkoutas_beta": kourkoutas_beta,
+             "spectral_normalization": spectral_normalization, "centered_wd": centered_wd,
+             "factored_2nd": factored_2nd, "nnmf_factor": nnmf_factor, "use_AdEMAMix": use_AdEMAMix,
+             "Simplified_AdEMAMix": Simplified_AdEMAMix}
+    for flag, value in flags.items():
+        if value:
+            not_yet(name, **{flag: value})
+    if state_precision != "auto":
+        not_yet(name, state_precision=state_precision)
+    use_atan2 = checks.flag(name, "use_atan2", use_atan2)
+    return chain(
+        *gradient_stage(name, orthogonal_gradient),
+        T.scale_by_adopt(betas=betas, eps=eps, clip_exponent=clip_exponent, clip_step_offset=-1,
+                         use_atan2=use_atan2, skip_first=not use_atan2),
+        *direction_mask(name, cautious_mask, grams_moment),
+        decay_stage(weight_decay, cautious_wd),
+        terminal(stochastic_rounding=stochastic_rounding, seed=seed),
+    )

@@ -53,6 +53,8 @@ class Apply(_Terminal):
         super().__init__(name=name)
 
     def update(self, b: Any) -> None:
+        if b.skip_apply:
+            return
         if b.params[0].dtype not in _LOW_PRECISION:
             _apply_fp32_(b.params, b, b.s("neg_lr"))
             return
@@ -83,6 +85,8 @@ class StochasticRoundApply(_Terminal):
 
     def update(self, b: Any) -> None:
         dtype = b.params[0].dtype
+        if b.skip_apply:
+            return
         if dtype not in _LOW_PRECISION:
             _apply_fp32_(b.params, b, b.s("neg_lr"))
             return
@@ -111,6 +115,8 @@ class KahanApply(_Terminal):
         return {"kahan_comp": StateSpec(dtype="param")} if param.dtype in _LOW_PRECISION else {}
 
     def update(self, b: Any) -> None:
+        if b.skip_apply:
+            return
         if b.params[0].dtype not in _LOW_PRECISION:
             _apply_fp32_(b.params, b, b.s("neg_lr"))
             return

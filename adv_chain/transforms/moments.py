@@ -168,6 +168,90 @@ class ScaleByLion(Transform):
         b.set_u(u)
 
 
+class ScaleByAdopt(Transform):
+    """ADOPT (Taniguchi et al., arXiv 2411.02853): normalize the gradient by the *previous* second
+    moment, then take momentum; no bias correction::
+
+        step 1:  v = g^2                         (initialization only: skip_first=True writes nothing)
+        n = clamp(g / (sqrt(v) + eps), -lam, lam),   lam = (t + clip_step_offset) ** clip_exponent
+        m = b1*m + (1-b1)*n ;  u = m  (b1 = 0: u = n)
+        v = b2*v + (1-b2)*g^2
+
+    ``t`` counts steps from 1 including the initialization, so the default ``clip_step_offset=0`` is
+    the paper's clip (first real clip ``2**0.25``); ``-1`` is adv_optm's (first real clip 1).
+    ``clip_exponent=None`` disables the clip. ``use_atan2=True`` replaces the division and clip by
+    ``(4/pi) * atan2(g, sqrt(v))`` (adv_optm's Adopt-atan2). Fed by ``group["betas"]``/``group["eps"]``.
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.scale_by_adopt(), ac.apply()).names
+    ('adopt', 'apply')
+    """
+
+    type_name = "scale_by_adopt"
+    default_name = "adopt"
+    stage = "moment"
+    hparams = {"betas": HParam("betas", checks.beta_pair), "eps": HParam("eps", checks.nonneg)}
+    static_scalars = frozenset({"first", "init_only", "first_moment", "clip", "use_atan2"})
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6,
+                 clip_exponent: float | None = 0.25, clip_step_offset: int = 0, use_atan2: bool = False,
+                 skip_first: bool = True, *, name: str | None = None) -> None:
+        if clip_exponent is not None:
+            clip_exponent = checks.positive(self.type_name, "clip_exponent", clip_exponent)
+        if not isinstance(clip_step_offset, int) or isinstance(clip_step_offset, bool) or clip_step_offset < -1:
+            raise ValueError(f"{self.type_name}: clip_step_offset={clip_step_offset!r} must be an int >= -1")
+        super().__init__(name=name, betas=betas, eps=eps, clip_exponent=clip_exponent,
+                         clip_step_offset=clip_step_offset,
+                         use_atan2=checks.flag(self.type_name, "use_atan2", use_atan2),
+                         skip_first=checks.flag(self.type_name, "skip_first", skip_first))
+
+    def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
+        specs = {"exp_avg_sq": StateSpec(kind="nonneg", factorable=True)}
+        if hp["betas"][0] != 0:
+            specs["exp_avg"] = StateSpec(kind="signed", factorable=True)
+        return specs
+
+    def host_scalars(self, h: HostView) -> dict[str, Any]:
+        b1, b2 = h.hp["betas"][:2]
+        first = h.step == 1
+        exponent = h.hp["clip_exponent"]
+        clip = not h.hp["use_atan2"] and exponent is not None
+        lam = float(max(h.step + h.hp["clip_step_offset"], 0)) ** exponent if clip else 0.0
+        return {"first": first, "init_only": first and h.hp["skip_first"], "first_moment": b1 != 0,
+                "clip": clip, "use_atan2": h.hp["use_atan2"], "one_minus_b1": 1.0 - b1, "b2": b2,
+                "one_minus_b2": 1.0 - b2, "eps": h.hp["eps"], "lam": lam, "neg_lam": -lam,
+                "atan2_scale": 4.0 / math.pi}
+
+    def update(self, b: Any) -> None:
+        g = b.u
+        v = b.state("exp_avg_sq")
+        if b.s("first"):
+            torch._foreach_copy_(v, torch._foreach_mul(g, g))
+        if b.s("init_only"):
+            b.set_u(torch._foreach_mul(g, 0.0))
+            b.skip_apply = True
+            return
+        denom = torch._foreach_sqrt(v)
+        if b.s("use_atan2"):
+            n = [torch.atan2(x, d) for x, d in zip(g, denom)]
+        else:
+            F.add_scalar_(denom, b.s("eps"))
+            n = torch._foreach_div(g, denom)
+            if b.s("clip"):
+                F.clamp_(n, b.s("neg_lam"), b.s("lam"))
+        if b.s("first_moment"):
+            m = b.state("exp_avg")
+            F.lerp_(m, n, b.s("one_minus_b1"))
+            n = [x.clone() for x in m] if b.s("use_atan2") else m
+        torch._foreach_mul_(v, b.s("b2"))
+        F.addcmul_(v, g, g, b.s("one_minus_b2"))
+        if b.s("use_atan2"):
+            torch._foreach_mul_(n, b.s("atan2_scale"))
+            b.set_u(n)
+        else:
+            b.set_u(n, owned=not b.s("first_moment"))
+
+
 def _half_life(beta: float) -> float:
     return math.log(0.5) / math.log(beta) - 1.0
 
@@ -277,6 +361,7 @@ class SimplifiedAccumulator(Transform):
 
 
 scale_by_adam = ScaleByAdam
+scale_by_adopt = ScaleByAdopt
 ademamix = AdEMAMix
 simplified_accumulator = SimplifiedAccumulator
 momentum = Momentum
