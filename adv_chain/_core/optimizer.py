@@ -402,10 +402,15 @@ class ChainOptimizer(torch.optim.Optimizer):
                     source: list[torch.Tensor], owned: bool, states: dict[str, dict[str, list[torch.Tensor]]],
                     scalars: dict[str, dict[str, Any]], keys: list[Any] | None) -> None:
         whole = seg.whole
+        # compiled kernels take flat views (one dynamic size per call); eager ops take contiguous
+        # tensors as they are (same element order, no view to build)
+        flatten = self._compile_options is not None
 
         def cut(x: torch.Tensor, start: Any, end: Any) -> torch.Tensor:
             if start is None:
-                v = None if whole else flat_view(x)
+                if whole or (not flatten and x.is_contiguous()):
+                    return x
+                v = flat_view(x)
                 return x if v is None else v
             return flat_view(x)[start:end]
 
