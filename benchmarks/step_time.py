@@ -82,9 +82,10 @@ def momentum_chain(with_noops: bool) -> Callable[[list[Parameter]], Step]:
     def build(params: list[Parameter]) -> Step:
         ac = import_peer("adv_chain")
         transforms = [ac.momentum(0.9), ac.apply()]
-        if with_noops:  # clipping at 1e30 and zero decay leave the update unchanged
-            transforms = [ac.clip_by_value(1e30), ac.add_l2(0.0), ac.momentum(0.9), ac.weight_decay(0.0),
-                          ac.named("scale_one", ac.clip_by_value(1e30)), ac.apply()]
+        if with_noops:  # zero decay and clipping at inf leave the update unchanged: the ratio is
+            # the cost of composing four more transforms into the chain
+            transforms = [ac.add_l2(0.0), ac.clip_by_value(float("inf")), ac.momentum(0.9), ac.weight_decay(0.0),
+                          ac.named("clip_updates", ac.clip_by_value(float("inf"))), ac.apply()]
         return ac.ChainOptimizer(params, ac.chain(*transforms), lr=LR).step
     return build
 

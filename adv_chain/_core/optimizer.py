@@ -16,8 +16,8 @@ from .transform import HostView, StateSpec, Transform
 _STATE_DTYPES = ("fp32", "param")
 # elementwise segments run on groups of flat slices: at most PIECE elements per slice and about
 # GROUP elements per group (a few MB of fp32 per state stream: resident in L2/L3 while the whole
-# chain runs on it). Measured in benchmarks/step_time.py.
-DEFAULT_PIECE = 1 << 17
+# chain runs on it). Tuned on the 27.8M set at 1 and 2 threads (benchmarks/step_time.py).
+DEFAULT_PIECE = 1 << 18
 DEFAULT_GROUP = 1 << 18
 
 

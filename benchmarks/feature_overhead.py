@@ -1,0 +1,95 @@
+"""Per-feature overhead: step time of AdamW_adv with one feature on / the same optimizer without it.
+
+For adv_chain (eager and ``compile=True``) and for the installed adv-optm 2.5.16 (features it still
+has), each feature is timed in alternating pairs against its own library's plain ``AdamW_adv`` in
+the same process, on the shared parameter sets of ``_params.py`` (grads pre-filled, fp32).
+Legacy features (``cautious_mask``, ``grams_moment``, ``use_AdEMAMix``) exist in adv-optm 2.2.3
+only, which cannot be installed beside 2.5.16; their reference column says so.
+
+Usage (from the repository root):
+    python benchmarks/feature_overhead.py --set gpt27m --threads 1,2 --markdown benchmarks/RESULTS.md
+"""
+
+import argparse
+import datetime
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from _params import PARAM_SETS, clone_params, count_params, make_params
+from _timing import time_alternating_pairs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LR = 1e-3
+FEATURES = {  # name -> (keywords, available in adv-optm 2.5.16)
+    "orthograd": ({"orthogonal_gradient": "flattened"}, True),
+    "cautious_mask": ({"cautious_mask": True}, False),
+    "grams": ({"grams_moment": True}, False),
+    "AdEMAMix": ({"use_AdEMAMix": True}, False),
+    "atan2": ({"use_atan2": True}, True),
+    "cautious_wd": ({"cautious_wd": True, "weight_decay": 0.01}, True),
+}
+
+
+def adv_chain_step(params, compile: bool, **kw):
+    import adv_chain as ac
+    return ac.optim.AdamW_adv(params, lr=LR, compile=compile, **kw).step
+
+
+def adv_optm_step(params, **kw):
+    import adv_optm
+    return adv_optm.AdamW_adv(params, lr=LR, **kw).step
+
+
+def ratio(template, make_base, make_row, args, compiles: bool) -> str:
+    try:
+        if compiles:
+            torch.compiler.reset()
+        base, row = make_base(clone_params(template)), make_row(clone_params(template))
+        t = time_alternating_pairs(base, row, pairs=args.pairs, warmup=args.warmup, device=torch.device("cpu"),
+                                   extra_row_warmup=3 if compiles else 0)
+        return f"{t.ratio_median:.2f}x ({t.ratio_p25:.2f}–{t.ratio_p75:.2f})"
+    except Exception as error:  # a failing row is reported, not fatal
+        return f"error: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", default="gpt27m")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--pairs", type=int, default=11)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    out = [f"## Per-feature overhead: `python {shlex.join(sys.argv)}`", "",
+           f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}",
+           "- each cell: median (p25–p75) of step time with the feature / without it, same library, same run", ""]
+    for set_name in args.set.split(","):
+        template = make_params(set_name)
+        for threads in [int(n) for n in args.threads.split(",")]:
+            torch.set_num_threads(threads)
+            out += [f"### {set_name}: {len(template)} tensors, {count_params(template):,} params, threads={threads}",
+                    "", "| feature | adv_chain eager | adv_chain compile=True | adv-optm 2.5.16 |", "|---|---:|---:|---:|"]
+            for name, (kw, in_reference) in FEATURES.items():
+                print(f"  {set_name} threads={threads} {name}", file=sys.stderr, flush=True)
+                eager = ratio(template, lambda p: adv_chain_step(p, False), lambda p: adv_chain_step(p, False, **kw),
+                              args, False)
+                compiled = ratio(template, lambda p: adv_chain_step(p, True), lambda p: adv_chain_step(p, True, **kw),
+                                 args, True)
+                reference = (ratio(template, adv_optm_step, lambda p: adv_optm_step(p, **kw), args, False)
+                             if in_reference else "only in 2.2.3 (not installable beside 2.5.16)")
+                out.append(f"| {name} | {eager} | {compiled} | {reference} |")
+                print(out[-1], flush=True)
+            out.append("")
+    text = "\n".join(out) + "\n"
+    print(text)
+    if args.markdown:
+        with args.markdown.open("a") as report:
+            report.write(text)
+
+
+if __name__ == "__main__":
+    main()
