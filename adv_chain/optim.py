@@ -119,8 +119,7 @@ class AdamW_adv(_DropIn):  # noqa: N801 - the reference's class name
                  compiled_optimizer: bool = False, cautious_mask: bool = False, grams_moment: bool = False,
                  use_AdEMAMix: bool = False, beta3_ema: float = 0.9999, alpha: float = 5.0, *,  # noqa: N803
                  compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32", seed: int = 0) -> None:
-        if layer_key_fn is not None:
-            presets.adv.not_yet("AdamW_adv", layer_key_fn=layer_key_fn)
+        presets.adv.not_yet("AdamW_adv", layer_key_fn=layer_key_fn)
         chain = presets.adamw_adv(
             betas=betas, eps=eps, weight_decay=weight_decay, fisher_wd=fisher_wd, cautious_wd=cautious_wd,
             use_bias_correction=use_bias_correction, stochastic_rounding=stochastic_rounding, use_atan2=use_atan2,
@@ -188,8 +187,7 @@ class Adopt_adv(_DropIn):  # noqa: N801 - the reference's class name
                  grams_moment: bool = False, use_AdEMAMix: bool = False, beta3_ema: float = 0.9999, alpha: float = 5.0,
                  Simplified_AdEMAMix: bool = False, alpha_grad: float = 100.0, *,  # noqa: N803
                  compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32", seed: int = 0) -> None:
-        if layer_key_fn is not None:
-            presets.adv.not_yet("Adopt_adv", layer_key_fn=layer_key_fn)
+        presets.adv.not_yet("Adopt_adv", layer_key_fn=layer_key_fn)
         chain = presets.adopt_adv(
             betas=betas, eps=eps, weight_decay=weight_decay, fisher_wd=fisher_wd, cautious_wd=cautious_wd,
             clip_exponent=_clip_exponent(clip_lambda), use_atan2=use_atan2, stochastic_rounding=stochastic_rounding,

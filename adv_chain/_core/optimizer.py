@@ -25,7 +25,7 @@ class _Work:
     """One bucket for one step: params of one group sharing device, dtype and step number."""
 
     __slots__ = ("group_index", "params", "grads", "indices", "step", "hps", "scalars", "states",
-                 "noise_keys", "full_u", "full_g", "next_u", "next_g")
+                 "noise_keys", "full_u", "full_g", "next_u", "next_g", "partials")
 
     def __init__(self, group_index: int, step: int) -> None:
         self.group_index = group_index
@@ -39,6 +39,8 @@ class _Work:
         # what the running segment materializes, promoted to full_u/full_g when it ends
         self.next_u: list[torch.Tensor] | None = None
         self.next_g: list[torch.Tensor] | None = None
+        # per-tensor sums of the next barrier's reduce, accumulated slice by slice
+        self.partials: list[Any] = []
 
 
 class ChainOptimizer(torch.optim.Optimizer):
@@ -254,6 +256,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                     w = works[key] = _Work(gi, step)
                     w.hps = hps
                 w.params.append(p)
+                w.partials.append(None)
                 g = p.grad
                 if g.stride() != p.stride():
                     g = torch.empty_like(p, dtype=g.dtype, memory_format=torch.preserve_format).copy_(g)
@@ -293,10 +296,14 @@ class ChainOptimizer(torch.optim.Optimizer):
         values: list[torch.Tensor] = []
         layer_keys: list[Any] = []
         for w in works:
-            u = w.full_u if w.full_u is not None else w.grads
-            b = Bucket(w.params, u, w.states, w.scalars, grads=w.full_g)
-            b.enter(t.name, t.stage)
-            values.extend(t.reduce(b))
+            if t.additive_reduce and w.partials[0] is not None:  # reduced while the last segment ran
+                values.extend(w.partials)
+                w.partials = [None] * len(w.params)
+            else:
+                u = w.full_u if w.full_u is not None else w.grads
+                b = Bucket(w.params, u, w.states, w.scalars, grads=w.full_g)
+                b.enter(t.name, t.stage)
+                values.extend(t.reduce(b))
             group = self.param_groups[w.group_index]
             layer_keys.extend(t.layer_key(p, i, group) for p, i in zip(w.params, w.indices))
         result = t.finalize(values, layer_keys, works[0].hps[t.name])
@@ -428,6 +435,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         out = self._call(si, seg, params, grads, ref, piece_states, scalars, owned, offsets, piece_keys)
         if seg.materialize:
             self._store_full(w, pieces, cut, out)
+            nxt = self._plan[si + 1].barrier
+            if nxt is not None and nxt.additive_reduce:
+                # reduce the next barrier on these slices while they are in cache, summed per tensor
+                u, reference = out
+                b = Bucket(params, u, w.states, w.scalars,
+                           grads=grads if isinstance(reference, str) else reference)
+                b.enter(nxt.name, nxt.stage)
+                for (i, _, _), value in zip(pieces, nxt.reduce(b)):
+                    w.partials[i] = value if w.partials[i] is None else w.partials[i] + value
 
     def _store_full(self, w: _Work, pieces: list[tuple[int, Any, Any]], cut: Callable[..., torch.Tensor],
                     out: tuple[list[torch.Tensor], Any]) -> None:

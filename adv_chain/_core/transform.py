@@ -86,6 +86,9 @@ class Transform:
     static_scalars: ClassVar[frozenset[str]] = frozenset()
     #: published signals a chain need not consume (e.g. Adam's bias correction ``sig:bc1``)
     optional_signals: ClassVar[frozenset[str]] = frozenset()
+    #: layer/global scope: ``reduce`` on slices of a tensor sums to ``reduce`` on the whole tensor, so
+    #: the executor may run it slice by slice inside the previous segment (one pass less)
+    additive_reduce: ClassVar[bool] = False
     #: type names of transforms this one cannot share a chain with
     excludes: ClassVar[frozenset[str]] = frozenset()
 

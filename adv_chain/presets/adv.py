@@ -22,11 +22,13 @@ _ORTHO_MODES = ("disabled", "flattened", "iterative", True, False)
 
 
 def not_yet(preset: str, **flags: Any) -> None:
-    """Raise for a reference flag set to a value whose feature adv_chain does not have yet."""
+    """Raise for the first reference flag whose value selects a feature adv_chain does not have yet
+    (a truthy value; pass the default-equivalent ``None``/``False``/``0`` for a flag left alone)."""
     for flag, value in flags.items():
-        raise NotImplementedError(
-            f"{preset}: {flag}={value!r} selects a feature adv_chain does not implement yet; leave it at its "
-            "default (or use the reference optimizer for it)")
+        if value:
+            raise NotImplementedError(
+                f"{preset}: {flag}={value!r} selects a feature adv_chain does not implement yet; leave it at its "
+                "default (or use the reference optimizer for it)")
 
 
 def gradient_stage(preset: str, orthogonal_gradient: Any) -> tuple[Transform, ...]:
@@ -35,8 +37,7 @@ def gradient_stage(preset: str, orthogonal_gradient: Any) -> tuple[Transform, ..
             orthogonal_gradient, bool):
         raise ValueError(f"{preset}: orthogonal_gradient={orthogonal_gradient!r} must be 'disabled', 'flattened', "
                          "'iterative' or (legacy) a bool")
-    if orthogonal_gradient == "iterative":
-        not_yet(preset, orthogonal_gradient="iterative")
+    not_yet(preset, orthogonal_gradient=orthogonal_gradient == "iterative" and "iterative")
     return (T.orthograd(),) if orthogonal_gradient in ("flattened", True) else ()
 
 
@@ -84,26 +85,13 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     ('orthograd', 'adam', 'atan2_scale', 'weight_decay', 'apply')
     """
     name = "adamw_adv"
-    if fisher_wd:
-        not_yet(name, fisher_wd=fisher_wd)
-    if nesterov:
-        not_yet(name, nesterov=nesterov)
-    if normed_momentum:
-        not_yet(name, normed_momentum=normed_momentum)
-    if kourkoutas_beta:
-        not_yet(name, kourkoutas_beta=kourkoutas_beta)
-    if spectral_normalization:
-        not_yet(name, spectral_normalization=spectral_normalization)
-    if centered_wd:
-        not_yet(name, centered_wd=centered_wd)
-    if state_precision != "auto":
-        not_yet(name, state_precision=state_precision)
-    if factored_2nd:
-        not_yet(name, factored_2nd=factored_2nd)
-    if nnmf_factor:
-        not_yet(name, nnmf_factor=nnmf_factor)
+    not_yet(name, fisher_wd=fisher_wd, nesterov=nesterov, normed_momentum=normed_momentum,
+            kourkoutas_beta=kourkoutas_beta, spectral_normalization=spectral_normalization, centered_wd=centered_wd,
+            state_precision=state_precision != "auto" and state_precision, factored_2nd=factored_2nd,
+            nnmf_factor=nnmf_factor)
     if eps is None:
-        not_yet(name, eps=None)
+        raise NotImplementedError(f"{name}: eps=None (adv_optm's scale-invariant 1/sqrt(N) epsilon) is not "
+                                  "implemented yet; pass a number")
     checks.flag(name, "use_AdEMAMix", use_AdEMAMix)
     checks.flag(name, "use_atan2", use_atan2)
     return chain(
@@ -134,18 +122,9 @@ def lion_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0
     ('lion', 'weight_decay', 'apply')
     """
     name = "lion_adv"
-    if kappa_p != 1.0 or auto_kappa_p:
-        not_yet(name, **({"kappa_p": kappa_p} if kappa_p != 1.0 else {"auto_kappa_p": auto_kappa_p}))
-    if stochastic_sign:
-        not_yet(name, stochastic_sign=stochastic_sign)
-    if centered_wd:
-        not_yet(name, centered_wd=centered_wd)
-    if spectral_normalization:
-        not_yet(name, spectral_normalization=spectral_normalization)
-    if nnmf_factor:
-        not_yet(name, nnmf_factor=nnmf_factor)
-    if clip_threshold:
-        not_yet(name, clip_threshold=clip_threshold)
+    not_yet(name, kappa_p=kappa_p != 1.0 and kappa_p, auto_kappa_p=auto_kappa_p, stochastic_sign=stochastic_sign,
+            centered_wd=centered_wd, spectral_normalization=spectral_normalization, nnmf_factor=nnmf_factor,
+            clip_threshold=clip_threshold)
     return chain(
         *gradient_stage(name, orthogonal_gradient),
         T.scale_by_lion(betas=betas),
@@ -175,15 +154,10 @@ def adopt_adv(betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6, wei
     ('adopt', 'weight_decay', 'apply')
     """
     name = "adopt_adv"
-    flags = {"fisher_wd": fisher_wd, "nesterov": nesterov, "kourkoutas_beta": kourkoutas_beta,
-             "spectral_normalization": spectral_normalization, "centered_wd": centered_wd,
-             "factored_2nd": factored_2nd, "nnmf_factor": nnmf_factor, "use_AdEMAMix": use_AdEMAMix,
-             "Simplified_AdEMAMix": Simplified_AdEMAMix}
-    for flag, value in flags.items():
-        if value:
-            not_yet(name, **{flag: value})
-    if state_precision != "auto":
-        not_yet(name, state_precision=state_precision)
+    not_yet(name, fisher_wd=fisher_wd, nesterov=nesterov, kourkoutas_beta=kourkoutas_beta,
+            spectral_normalization=spectral_normalization, centered_wd=centered_wd, factored_2nd=factored_2nd,
+            nnmf_factor=nnmf_factor, use_AdEMAMix=use_AdEMAMix, Simplified_AdEMAMix=Simplified_AdEMAMix,
+            state_precision=state_precision != "auto" and state_precision)
     use_atan2 = checks.flag(name, "use_atan2", use_atan2)
     return chain(
         *gradient_stage(name, orthogonal_gradient),

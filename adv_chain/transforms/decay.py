@@ -45,7 +45,7 @@ class WeightDecay(Transform):
             b.add_decay_coef(coef)
 
 
-class CautiousWeightDecay(Transform):
+class CautiousWeightDecay(WeightDecay):
     """Cautious weight decay (adv_optm's ``cautious_wd``): decoupled decay applied only where it
     agrees with the update, ``p -= c * 1[u * p >= 0] * p`` with
     ``c = lr * weight_decay`` (or ``weight_decay * lr / max_lr``). Replaces :func:`weight_decay`.
@@ -57,17 +57,7 @@ class CautiousWeightDecay(Transform):
 
     type_name = "cautious_wd"
     default_name = "cautious_wd"
-    stage = "decay"
     reads = frozenset({"param", "update"})
-    writes = frozenset({"decay"})
-    hparams = {"weight_decay": HParam("weight_decay", checks.nonneg)}
-
-    def __init__(self, weight_decay: float = 0.01, max_lr: float | None = None, *, name: str | None = None) -> None:
-        if max_lr is not None:
-            max_lr = checks.positive(self.type_name, "max_lr", max_lr)
-        super().__init__(name=name, weight_decay=weight_decay, max_lr=max_lr)
-
-    host_scalars = WeightDecay.host_scalars
 
     def update(self, b: Any) -> None:
         coef = b.s("coef")

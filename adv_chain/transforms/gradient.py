@@ -29,6 +29,7 @@ class ClipByGlobalNorm(Transform):
     default_name = "clip_by_global_norm"
     stage = "gradient"
     scope = "global"
+    additive_reduce = True  # squared norms of slices add up
     hparams = {"max_norm": HParam(None, checks.positive)}
 
     def __init__(self, max_norm: float = 1.0, *, name: str | None = None) -> None:
@@ -109,7 +110,7 @@ class AddL2(Transform):
             F.add_scaled_(u, [p.float() for p in b.params], wd)
 
 
-_ORTHO_PIECE = 1 << 20  # elements per slice when measuring ||g - rho*w|| (bounds the temporary)
+_SLICE = 1 << 16  # elements per slice of orthograd's reduction
 
 
 class Orthograd(Transform):
@@ -119,9 +120,9 @@ class Orthograd(Transform):
     ``rho = <w, g> / (<w, w> + 1e-30)``, ``o = g - rho * w``, ``g' = o * ||g|| / (||o|| + 1e-30)``.
 
     ``mode="flattened"`` (the paper's, and adv_optm's ``orthogonal_gradient='flattened'``) treats
-    each tensor as one vector. ``||o||`` is measured directly (not from the dot products, which
-    would cancel when g is nearly parallel to w), one slice at a time; the update then applies
-    ``g' = s * (g - rho * w)`` elementwise with the per-tensor ``rho`` and ``s``.
+    each tensor as one vector. The three dot products are one reduction pass accumulated in fp64,
+    and ``||o||^2 = <g,g> - rho <w,g>``; the update then applies ``g' = s * (g - rho * w)``
+    elementwise with the per-tensor ``rho`` and ``s``.
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.orthograd(), ac.scale_by_adam(), ac.eps_divide(), ac.apply()).names
@@ -140,15 +141,16 @@ class Orthograd(Transform):
     def reduce(self, b: Any) -> list[torch.Tensor]:
         out = []
         for w, g in zip(b.params, b.u):
-            w32 = w.detach().reshape(-1).float()
-            g32 = g.reshape(-1).float()
-            dot, ww, gg = torch.dot(w32, g32), torch.dot(w32, w32), torch.dot(g32, g32)
+            w_flat, g_flat = w.detach().reshape(-1), g.reshape(-1)
+            sums = torch.zeros(3, dtype=torch.float64, device=g.device)  # <w,g>, <w,w>, <g,g>
+            for i in range(0, w_flat.numel(), _SLICE):  # fp64 accumulation, cache-sized temporaries
+                ws, gs = w_flat[i:i + _SLICE].double(), g_flat[i:i + _SLICE].double()
+                sums += torch.stack((torch.dot(ws, gs), torch.dot(ws, ws), torch.dot(gs, gs)))
+            dot, ww, gg = sums.unbind()
             rho = dot / (ww + 1e-30)
-            oo = torch.zeros((), dtype=torch.float32, device=g.device)
-            for start in range(0, g32.numel(), _ORTHO_PIECE):
-                piece = g32[start:start + _ORTHO_PIECE] - rho * w32[start:start + _ORTHO_PIECE]
-                oo = oo + torch.dot(piece, piece)
-            out.append(torch.stack((rho, gg.sqrt() / (oo.sqrt() + 1e-30))))
+            # ||g - rho*w||^2 = <g,g> - rho <w,g>, in fp64: no second pass over the tensor
+            oo = torch.clamp(gg - rho * dot, min=0.0)
+            out.append(torch.stack((rho, gg.sqrt() / (oo.sqrt() + 1e-30))).float())
         return out
 
     def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],

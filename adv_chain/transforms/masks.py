@@ -9,6 +9,7 @@ from .._core import checks
 from .._core.transform import Transform
 
 _RESCALES = ("paper", "mean", "none")
+_SLICE = 1 << 18  # elements per slice of the mask count
 
 
 def _agreement(u: list[torch.Tensor], g: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -40,6 +41,7 @@ class Cautious(Transform):
     stage = "mask"
     reads = frozenset({"update", "grad"})
     excludes = frozenset({"grams"})
+    additive_reduce = True  # (count, size) of slices add up
 
     def __init__(self, rescale: str = "paper", *, name: str | None = None) -> None:
         super().__init__(name=name, rescale=checks.choice(self.type_name, "rescale", rescale, _RESCALES))
@@ -49,8 +51,14 @@ class Cautious(Transform):
         return "elementwise" if self.args["rescale"] == "none" else "layer"
 
     def reduce(self, b: Any) -> list[torch.Tensor]:
-        counts = torch._foreach_norm(_agreement(b.u, b.grads), 1)  # agreeing coordinates per tensor
-        return [torch.stack((c, c.new_tensor(float(x.numel())))) for c, x in zip(counts, b.u)]
+        out = []
+        for u, g in zip(b.u, b.grads):  # count agreeing coordinates slice by slice: no full-size temporaries
+            u, g = u.reshape(-1), g.reshape(-1)
+            count = sum(((u[i:i + _SLICE] * g[i:i + _SLICE]) > 0).sum(dtype=torch.float32)
+                        for i in range(0, u.numel(), _SLICE))
+            out.append(torch.stack((torch.as_tensor(count, dtype=torch.float32, device=u.device),
+                                    torch.tensor(float(u.numel()), device=u.device))))
+        return out
 
     def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
                  hp: Mapping[str, Any]) -> dict[str, list[torch.Tensor]]:
