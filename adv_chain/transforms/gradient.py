@@ -120,9 +120,10 @@ class Orthograd(Transform):
     ``rho = <w, g> / (<w, w> + 1e-30)``, ``o = g - rho * w``, ``g' = o * ||g|| / (||o|| + 1e-30)``.
 
     ``mode="flattened"`` (the paper's, and adv_optm's ``orthogonal_gradient='flattened'``) treats
-    each tensor as one vector. The three dot products are one reduction pass accumulated in fp64,
-    and ``||o||^2 = <g,g> - rho <w,g>``; the update then applies ``g' = s * (g - rho * w)``
-    elementwise with the per-tensor ``rho`` and ``s``.
+    each tensor as one vector. The reduction makes two passes accumulated in fp64: the dot products,
+    then the norm of the fp32 residue ``g - rho*w`` exactly as the update will apply it (so
+    ``||g'|| = ||g||`` holds even when g is parallel to w up to rounding); the update then applies
+    ``g' = s * (g - rho * w)`` elementwise with the per-tensor ``rho`` and ``s``.
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.orthograd(), ac.scale_by_adam(), ac.eps_divide(), ac.apply()).names
@@ -142,15 +143,20 @@ class Orthograd(Transform):
         out = []
         for w, g in zip(b.params, b.u):
             w_flat, g_flat = w.detach().reshape(-1), g.reshape(-1)
+            n = w_flat.numel()
             sums = torch.zeros(3, dtype=torch.float64, device=g.device)  # <w,g>, <w,w>, <g,g>
-            for i in range(0, w_flat.numel(), _SLICE):  # fp64 accumulation, cache-sized temporaries
+            for i in range(0, n, _SLICE):  # fp64 accumulation, cache-sized temporaries
                 ws, gs = w_flat[i:i + _SLICE].double(), g_flat[i:i + _SLICE].double()
                 sums += torch.stack((torch.dot(ws, gs), torch.dot(ws, ws), torch.dot(gs, gs)))
             dot, ww, gg = sums.unbind()
-            rho = dot / (ww + 1e-30)
-            # ||g - rho*w||^2 = <g,g> - rho <w,g>, in fp64: no second pass over the tensor
-            oo = torch.clamp(gg - rho * dot, min=0.0)
-            out.append(torch.stack((rho, gg.sqrt() / (oo.sqrt() + 1e-30))).float())
+            rho = (dot / (ww + 1e-30)).float()
+            # ||o|| of the fp32 residue the update will apply (not <g,g> - rho<w,g>, which cancels to 0
+            # when g is parallel to w while the applied fp32 residue does not: the scale would explode)
+            oo = torch.zeros((), dtype=torch.float64, device=g.device)
+            for i in range(0, n, _SLICE):
+                o = (g_flat[i:i + _SLICE].float() - rho * w_flat[i:i + _SLICE].float()).double()
+                oo = oo + torch.dot(o, o)
+            out.append(torch.stack((rho, (gg.sqrt() / (oo.sqrt() + 1e-30)).float())))
         return out
 
     def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
