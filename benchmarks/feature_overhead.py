@@ -62,8 +62,10 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--pairs", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--features", default=",".join(FEATURES), help="comma-separated subset of the features")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
+    wanted = args.features.split(",")
     out = [f"## Per-feature overhead: `python {shlex.join(sys.argv)}`", "",
            f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}",
            "- each cell: median (p25–p75) of step time with the feature / without it, same library, same run", ""]
@@ -74,6 +76,8 @@ def main() -> None:
             out += [f"### {set_name}: {len(template)} tensors, {count_params(template):,} params, threads={threads}",
                     "", "| feature | adv_chain eager | adv_chain compile=True | adv-optm 2.5.16 |", "|---|---:|---:|---:|"]
             for name, (kw, in_reference) in FEATURES.items():
+                if name not in wanted:
+                    continue
                 print(f"  {set_name} threads={threads} {name}", file=sys.stderr, flush=True)
                 eager = ratio(template, lambda p: adv_chain_step(p, False), lambda p: adv_chain_step(p, False, **kw),
                               args, False)
