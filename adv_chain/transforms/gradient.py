@@ -110,7 +110,7 @@ class AddL2(Transform):
             F.add_scaled_(u, [p.float() for p in b.params], wd)
 
 
-_SLICE = 1 << 16  # elements per slice of orthograd's reduction
+_SLICE = 1 << 18  # elements per slice of orthograd's reduction
 
 
 class Orthograd(Transform):
@@ -120,7 +120,8 @@ class Orthograd(Transform):
     ``rho = <w, g> / (<w, w> + 1e-30)``, ``o = g - rho * w``, ``g' = o * ||g|| / (||o|| + 1e-30)``.
 
     ``mode="flattened"`` (the paper's, and adv_optm's ``orthogonal_gradient='flattened'``) treats
-    each tensor as one vector. The reduction makes two passes accumulated in fp64: the dot products,
+    each tensor as one vector. The reduction makes two passes (fp32 dot products over slices of
+    256K elements, summed in fp64): the dot products,
     then the norm of the fp32 residue ``g - rho*w`` exactly as the update will apply it (so
     ``||g'|| = ||g||`` holds even when g is parallel to w up to rounding); the update then applies
     ``g' = s * (g - rho * w)`` elementwise with the per-tensor ``rho`` and ``s``.
@@ -145,17 +146,17 @@ class Orthograd(Transform):
             w_flat, g_flat = w.detach().reshape(-1), g.reshape(-1)
             n = w_flat.numel()
             sums = torch.zeros(3, dtype=torch.float64, device=g.device)  # <w,g>, <w,w>, <g,g>
-            for i in range(0, n, _SLICE):  # fp64 accumulation, cache-sized temporaries
-                ws, gs = w_flat[i:i + _SLICE].double(), g_flat[i:i + _SLICE].double()
-                sums += torch.stack((torch.dot(ws, gs), torch.dot(ws, ws), torch.dot(gs, gs)))
+            for i in range(0, n, _SLICE):  # fp32 dot products per slice, summed in fp64
+                ws, gs = w_flat[i:i + _SLICE].float(), g_flat[i:i + _SLICE].float()
+                sums += torch.stack((torch.dot(ws, gs), torch.dot(ws, ws), torch.dot(gs, gs))).double()
             dot, ww, gg = sums.unbind()
             rho = (dot / (ww + 1e-30)).float()
             # ||o|| of the fp32 residue the update will apply (not <g,g> - rho<w,g>, which cancels to 0
             # when g is parallel to w while the applied fp32 residue does not: the scale would explode)
             oo = torch.zeros((), dtype=torch.float64, device=g.device)
             for i in range(0, n, _SLICE):
-                o = (g_flat[i:i + _SLICE].float() - rho * w_flat[i:i + _SLICE].float()).double()
-                oo = oo + torch.dot(o, o)
+                o = g_flat[i:i + _SLICE].float() - rho * w_flat[i:i + _SLICE].float()
+                oo = oo + torch.dot(o, o).double()
             out.append(torch.stack((rho, (gg.sqrt() / (oo.sqrt() + 1e-30)).float())))
         return out
 
