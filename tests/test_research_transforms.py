@@ -258,11 +258,8 @@ TRAJECTORY_CASES = {
 
 def test_big_tensor_is_split_into_several_slices():
     """The trajectories rely on BIG spanning several slices with the default chunking."""
-    from adv_chain._core import optimizer as opt_module
-    piece = getattr(opt_module, "DEFAULT_PIECE", None)
-    if piece is None:
-        pytest.skip("adv_chain no longer exposes DEFAULT_PIECE; re-check the BIG shape by hand")
-    assert math.prod(BIG) > piece, f"BIG={BIG} fits in one slice of {piece} elements"
+    from adv_chain._core.optimizer import DEFAULT_PIECE
+    assert math.prod(BIG) > DEFAULT_PIECE, f"BIG={BIG} fits in one slice of {DEFAULT_PIECE} elements"
 
 
 @pytest.mark.parametrize("name", list(TRAJECTORY_CASES))
