@@ -10,37 +10,16 @@ from .chain import Chain
 from .numerics import noise_key
 from .bucket import Bucket
 from .compile import layout_and_tensors, make_kernel
-from .plan import Segment, build_plan, flat_view, segment_body
+from .plan import Segment, Work, build_plan, flat_view, segment_body
+from .state import allocate_state, match_checkpoint, restore_saved_state, state_specs
 from .transform import HostView, StateSpec, Transform
 
-_STATE_DTYPES = ("fp32", "param")
+from .state import STATE_DTYPES as _STATE_DTYPES
 # elementwise segments run on groups of flat slices: at most PIECE elements per slice and about
 # GROUP elements per group (a few MB of fp32 per state stream: resident in L2/L3 while the whole
 # chain runs on it). Tuned on the 27.8M set at 1 and 2 threads (benchmarks/step_time.py).
 DEFAULT_PIECE = 1 << 18
 DEFAULT_GROUP = 1 << 18
-
-
-class _Work:
-    """One bucket for one step: params of one group sharing device, dtype and step number."""
-
-    __slots__ = ("group_index", "params", "grads", "indices", "step", "hps", "scalars", "states",
-                 "noise_keys", "full_u", "full_g", "next_u", "next_g", "partials")
-
-    def __init__(self, group_index: int, step: int) -> None:
-        self.group_index = group_index
-        self.step = step
-        self.params: list[torch.Tensor] = []
-        self.grads: list[torch.Tensor] = []
-        self.indices: list[int] = []
-        # direction and reference gradient materialized by the previous segment (None: use .grad)
-        self.full_u: list[torch.Tensor] | None = None
-        self.full_g: list[torch.Tensor] | None = None
-        # what the running segment materializes, promoted to full_u/full_g when it ends
-        self.next_u: list[torch.Tensor] | None = None
-        self.next_g: list[torch.Tensor] | None = None
-        # per-tensor sums of the next barrier's reduce, accumulated slice by slice
-        self.partials: list[Any] = []
 
 
 class ChainOptimizer(torch.optim.Optimizer):
@@ -179,32 +158,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         return out
 
     # -- state -------------------------------------------------------------------------------------
-    def _state_dtype(self, spec: StateSpec, p: torch.Tensor) -> torch.dtype:
-        if isinstance(spec.dtype, torch.dtype):
-            return spec.dtype
-        if spec.dtype == "param" or self.state_dtype == "param":
-            return p.dtype
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
-
     def _specs(self, p: torch.Tensor, hps: Mapping[str, Mapping[str, Any]]) -> dict[str, StateSpec]:
-        out = {}
-        for t in self.chain.transforms:
-            for key, spec in t.state_specs(p, hps[t.name]).items():
-                out[f"{t.name}/{key}"] = spec
-        return out
+        return state_specs(self.chain.transforms, p, hps)
 
     def _init_state(self, p: torch.Tensor, hps: Mapping[str, Mapping[str, Any]]) -> None:
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-        for key, spec in self._specs(p, hps).items():
-            if key in state:
-                continue
-            dtype = self._state_dtype(spec, p)
-            if spec.init == "param":
-                state[key] = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(p.detach())
-            else:
-                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        allocate_state(self.state[p], p, self._specs(p, hps), self.state_dtype)
         self._ready.add(p)
 
     def init_state(self) -> None:
@@ -227,7 +185,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             self._run(works)
         return loss
 
-    def _collect(self) -> list[_Work]:
+    def _collect(self) -> list[Work]:
         needs_noise = getattr(self._terminal, "needs_noise", False)
         # validate everything first: an error leaves no step counted and no state touched
         todo = []
@@ -241,7 +199,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"ChainOptimizer: parameter {self._param_index[p]} (shape {tuple(p.shape)}, "
                                        f"group {gi}) has a sparse gradient; adv_chain supports dense gradients only")
             todo.append((gi, with_grad, hps))
-        works: dict[Any, _Work] = {}
+        works: dict[Any, Work] = {}
         for gi, with_grad, hps in todo:
             for p in with_grad:
                 if p not in self._ready:
@@ -253,7 +211,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 key = (gi, p.device, p.dtype, step)
                 w = works.get(key)
                 if w is None:
-                    w = works[key] = _Work(gi, step)
+                    w = works[key] = Work(gi, step)
                     w.hps = hps
                 w.params.append(p)
                 w.partials.append(None)
@@ -277,7 +235,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                             if needs_noise else None)
         return out
 
-    def _run(self, works: list[_Work]) -> None:
+    def _run(self, works: list[Work]) -> None:
         for si, seg in enumerate(self._plan):
             if seg.barrier is not None:
                 self._barrier(seg.barrier, works)
@@ -290,7 +248,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                     w.full_u, w.full_g = w.next_u, (w.next_g if w.next_g is not None else w.full_g)
                     w.next_u = w.next_g = None
 
-    def _barrier(self, t: Transform, works: list[_Work]) -> None:
+    def _barrier(self, t: Transform, works: list[Work]) -> None:
         """Reduce of a global/layer transform over every bucket, then one finalize. Results that are
         one tensor reach every bucket; per-parameter lists are split back to their buckets."""
         values: list[torch.Tensor] = []
@@ -327,7 +285,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             kernel = self._kernels[(si, layout)] = make_kernel(seg.transforms, layout, self._compile_options)
         return kernel(*tensors)
 
-    def _tensor_scalars(self, w: _Work, seg: Segment) -> dict[str, dict[str, Any]]:
+    def _tensor_scalars(self, w: Work, seg: Segment) -> dict[str, dict[str, Any]]:
         """Host scalars as cached 0-d tensors on the bucket's device (filled in place when a value
         changes), so compiled kernels see stable inputs; static scalars stay Python values."""
         dev = w.params[0].device
@@ -352,7 +310,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             out[t.name] = vals
         return out
 
-    def _key_tensors(self, w: _Work) -> list[torch.Tensor] | None:
+    def _key_tensors(self, w: Work) -> list[torch.Tensor] | None:
         if w.noise_keys is None:
             return None
         out = []
@@ -367,10 +325,10 @@ class ChainOptimizer(torch.optim.Optimizer):
             out.append(cached[1])
         return out
 
-    def _seg_states(self, seg: Segment, w: _Work) -> dict[str, dict[str, list[torch.Tensor]]]:
+    def _seg_states(self, seg: Segment, w: Work) -> dict[str, dict[str, list[torch.Tensor]]]:
         return {t.name: w.states[t.name] for t in seg.transforms}
 
-    def _run_chunked(self, si: int, seg: Segment, w: _Work) -> None:
+    def _run_chunked(self, si: int, seg: Segment, w: Work) -> None:
         source = w.full_u if w.full_u is not None else w.grads
         owned = w.full_u is not None
         states = self._seg_states(seg, w)
@@ -405,7 +363,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         if pieces:
             self._run_pieces(si, seg, w, pieces, source, owned, states, w.scalars, w.noise_keys)
 
-    def _run_pieces(self, si: int, seg: Segment, w: _Work, pieces: list[tuple[int, Any, Any]],
+    def _run_pieces(self, si: int, seg: Segment, w: Work, pieces: list[tuple[int, Any, Any]],
                     source: list[torch.Tensor], owned: bool, states: dict[str, dict[str, list[torch.Tensor]]],
                     scalars: dict[str, dict[str, Any]], keys: list[Any] | None) -> None:
         whole = seg.whole
@@ -445,7 +403,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 for (i, _, _), value in zip(pieces, nxt.reduce(b)):
                     w.partials[i] = value if w.partials[i] is None else w.partials[i] + value
 
-    def _store_full(self, w: _Work, pieces: list[tuple[int, Any, Any]], cut: Callable[..., torch.Tensor],
+    def _store_full(self, w: Work, pieces: list[tuple[int, Any, Any]], cut: Callable[..., torch.Tensor],
                     out: tuple[list[torch.Tensor], Any]) -> None:
         u, ref = out
         if w.next_u is None:
@@ -462,7 +420,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                         for p in w.params]
         torch._foreach_copy_([cut(w.next_g[i], s, e) for i, s, e in pieces], ref)
 
-    def _run_whole(self, si: int, seg: Segment, w: _Work) -> None:
+    def _run_whole(self, si: int, seg: Segment, w: Work) -> None:
         source = w.full_u if w.full_u is not None else w.grads
         scalars = self._tensor_scalars(w, seg) if self._compile_options is not None else w.scalars
         keys = self._key_tensors(w) if self._compile_options is not None else w.noise_keys
@@ -476,51 +434,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         bf16 params, integer state stays integer). A checkpoint from a different chain raises a
         ``ValueError`` listing the differing keys; ``strict=False`` loads the keys both chains share
         and initializes the rest on the next step."""
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"load_state_dict: the checkpoint has {len(saved_groups)} param groups, the optimizer "
-                             f"has {len(self.param_groups)}")
-        id_to_param: dict[Any, torch.Tensor] = {}
-        id_to_group: dict[Any, int] = {}
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"load_state_dict: param group {gi} has {len(saved['params'])} params in the "
-                                 f"checkpoint and {len(group['params'])} in the optimizer")
-            for sid, p in zip(saved["params"], group["params"]):
-                id_to_param[sid] = p
-                id_to_group[sid] = gi
-        kept: dict[Any, dict[str, Any]] = {}
-        for sid, st in state_dict["state"].items():
-            p = id_to_param.get(sid)
-            if p is None:
-                continue
-            gi = id_to_group[sid]
-            merged = {**self.param_groups[gi], **{k: v for k, v in saved_groups[gi].items() if k != "params"}}
-            expected = set(self._specs(p, self._resolve_all(merged, gi))) | {"step"}
-            extra, missing = set(st) - expected, expected - set(st)
-            if strict and (extra or missing):
-                raise ValueError(
-                    f"load_state_dict: the checkpoint was written by a different chain: parameter {sid} has keys "
-                    f"{sorted(extra)} this chain does not use and lacks {sorted(missing)}; pass strict=False to "
-                    "load the keys both chains share and initialize the rest")
-            kept[sid] = {k: v for k, v in st.items() if k in expected}
-        filtered = {**state_dict, "state": kept}
-        super().load_state_dict(filtered)
-        # torch casts every floating state tensor to the param dtype: put back the saved tensors
-        # (copied, so continuing training never mutates the caller's state_dict)
-        for sid, st in kept.items():
-            p = id_to_param[sid]
-            restored = {}
-            for k, v in st.items():
-                if isinstance(v, torch.Tensor):
-                    if k == "step":
-                        v = v.detach().to(device="cpu", dtype=torch.float32, copy=True)
-                    elif v.shape == p.shape and v.stride() != p.stride():
-                        v = torch.empty_like(p, dtype=v.dtype, memory_format=torch.preserve_format).copy_(v)
-                    else:
-                        v = v.detach().to(device=p.device, copy=True)
-                restored[k] = v
-            self.state[p] = restored
+        def expected_keys(p: torch.Tensor, group: Mapping[str, Any], gi: int) -> set[str]:
+            return set(self._specs(p, self._resolve_all(group, gi))) | {"step"}
+
+        kept, id_to_param = match_checkpoint(state_dict, self.param_groups, expected_keys, strict)
+        super().load_state_dict({**state_dict, "state": kept})
+        restore_saved_state(self.state, kept, id_to_param)
         self._ready.clear()
         self._scalar_cache.clear()
         self._validated.clear()

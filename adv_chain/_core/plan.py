@@ -91,3 +91,25 @@ def flat_view(x: torch.Tensor) -> torch.Tensor | None:
     if _dense(x):
         return x.as_strided((x.numel(),), (1,), x.storage_offset())
     return None
+
+
+class Work:
+    """One bucket for one step: params of one group sharing device, dtype and step number."""
+
+    __slots__ = ("group_index", "params", "grads", "indices", "step", "hps", "scalars", "states",
+                 "noise_keys", "full_u", "full_g", "next_u", "next_g", "partials")
+
+    def __init__(self, group_index: int, step: int) -> None:
+        self.group_index = group_index
+        self.step = step
+        self.params: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.indices: list[int] = []
+        # direction and reference gradient materialized by the previous segment (None: use .grad)
+        self.full_u: list[torch.Tensor] | None = None
+        self.full_g: list[torch.Tensor] | None = None
+        # what the running segment materializes, promoted to full_u/full_g when it ends
+        self.next_u: list[torch.Tensor] | None = None
+        self.next_g: list[torch.Tensor] | None = None
+        # per-tensor sums of the next barrier's reduce, accumulated slice by slice
+        self.partials: list[Any] = []
