@@ -201,9 +201,33 @@ class Adopt_adv(_DropIn):  # noqa: N801 - the reference's class name
         super().__init__(params, chain, lr, compile or compiled_optimizer, state_dtype)
 
 
+class Simplified_AdEMAMix(_DropIn):  # noqa: N801 - the reference's class name
+    """adv_optm 2.2.3's ``Simplified_AdEMAMix`` as a chain (preset ``simplified_ademamix``), with its
+    keywords and defaults (``lr=1e-5``, ``betas=(0.99, 0.999)``, ``alpha_grad=100``)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-5, betas: tuple[float, float] = (0.99, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, cautious_wd: bool = False, alpha_grad: float = 100.0,
+                 beta1_warmup: int | None = None, min_beta1: float = 0.9, use_bias_correction: bool = True,
+                 stochastic_rounding: bool = True, orthogonal_gradient: Any = False, kourkoutas_beta: bool = False,
+                 beta2_min: float = 0.9, ema_alpha: float = 0.95, tiny_spike: float = 1e-9, k_warmup_steps: int = 0,
+                 k_logging: int = 0, layer_key_fn: Any = None, nnmf_factor: bool = False,
+                 vector_reshape: bool = False, compiled_optimizer: bool = False, *,
+                 compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32", seed: int = 0) -> None:
+        presets.adv.not_yet("Simplified_AdEMAMix", layer_key_fn=layer_key_fn)
+        chain = presets.simplified_ademamix(
+            betas=betas, eps=eps, weight_decay=weight_decay, cautious_wd=cautious_wd, alpha_grad=alpha_grad,
+            beta1_warmup=beta1_warmup, min_beta1=min_beta1, use_bias_correction=use_bias_correction,
+            stochastic_rounding=stochastic_rounding, orthogonal_gradient=orthogonal_gradient,
+            kourkoutas_beta=kourkoutas_beta, beta2_min=beta2_min, ema_alpha=ema_alpha, tiny_spike=tiny_spike,
+            k_warmup_steps=k_warmup_steps, k_logging=k_logging, nnmf_factor=nnmf_factor,
+            vector_reshape=vector_reshape, seed=seed)
+        super().__init__(params, chain, lr, compile or compiled_optimizer, state_dtype)
+
+
 #: the names the seeds' documents and OneTrainer use
 Adam_Adv = AdamW_adv
 Lion_Adv = Lion_adv
 Adopt_Adv = Adopt_adv
 
-__all__ = ["SGD", "Adam", "AdamW", "Lion", "AdamW_adv", "Adam_Adv", "Lion_adv", "Lion_Adv", "Adopt_adv", "Adopt_Adv"]
+__all__ = ["SGD", "Adam", "AdamW", "Lion", "AdamW_adv", "Adam_Adv", "Lion_adv", "Lion_Adv", "Adopt_adv", "Adopt_Adv",
+           "Simplified_AdEMAMix"]

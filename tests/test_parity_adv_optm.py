@@ -215,3 +215,35 @@ def test_scale_by_adopt_follows_the_adopt_formulas(offset):
         v = 0.99 * v + 0.01 * g * g
         w = w * (1 - 1e-2 * 0.5) - 1e-2 * m
     torch.testing.assert_close(p.detach(), w, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"weight_decay": 0.1}, {"beta1_warmup": 6, "min_beta1": 0.9},
+                                    {"use_bias_correction": False}])
+def test_simplified_ademamix_follows_the_spec_formulas(kwargs):
+    """Spec §9.4 (adv_optm 2.2.3's Simplified_AdEMAMix), written out per step."""
+    import math
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(50))
+    w = p.detach().clone()
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(50, generator=gen) for _ in range(12)]
+    lr, (b1, b2), eps, alpha, wd = 1e-2, (0.99, 0.999), 1e-8, 100.0, kwargs.get("weight_decay", 0.0)
+    warm, min_b1 = kwargs.get("beta1_warmup"), kwargs.get("min_beta1", 0.9)
+    correct = kwargs.get("use_bias_correction", True)
+    opt = ac.optim.Simplified_AdEMAMix([p], lr=lr, stochastic_rounding=False, **kwargs)
+    m, v, s1, s2 = torch.zeros(50), torch.zeros(50), 0.0, 0.0
+
+    def f(b):
+        return math.log(0.5) / math.log(b) - 1
+
+    for t, g in enumerate(grads, start=1):
+        p.grad = g.clone()
+        opt.step()
+        b1t = b1 if warm is None or t >= warm else 0.5 ** (1 / (1 + (1 - t / warm) * f(min_b1) + t / warm * f(b1)))
+        s1, s2 = (b1t * s1 + 1, b2 * s2 + (1 - b2)) if correct else (1.0, 1.0)
+        eta = lr / ((1 - b1t ** t) / (1 - b1t) + alpha)
+        m = b1t * m + g
+        v = b2 * v + (1 - b2) * g * g
+        update = (m + alpha * g) / (v.sqrt() + math.sqrt(s2) * eps) * eta * math.sqrt(s2 / s1)
+        w = w - eta * wd * w - update
+    torch.testing.assert_close(p.detach(), w, atol=1e-6, rtol=1e-5)

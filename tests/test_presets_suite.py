@@ -21,7 +21,7 @@ import adv_chain as ac
 # -- per-preset configuration ----------------------------------------------------------------------
 #: a learning rate that trains the tiny model below in 20 steps
 PRESET_LR = {"adam": 1e-2, "adamw": 1e-2, "adamw_adv": 1e-2, "adopt_adv": 1e-2, "lion": 1e-3, "lion_adv": 1e-3,
-             "signum": 1e-3, "sgd": 5e-2}
+             "signum": 1e-3, "sgd": 5e-2, "simplified_ademamix": 3e-2}
 #: keyword sets that turn each preset's main options on (the default build is always tested too)
 MAIN_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "sgd": [dict(momentum=0.9, weight_decay=1e-3),
@@ -38,6 +38,8 @@ MAIN_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "signum": [dict(momentum=0.95, weight_decay=0.1)],
     "adopt_adv": [dict(weight_decay=0.1, cautious_wd=True, orthogonal_gradient="flattened"),
                   dict(use_atan2=True, grams_moment=True)],
+    "simplified_ademamix": [dict(weight_decay=0.1, beta1_warmup=5, alpha_grad=10.0),
+                            dict(cautious_wd=True, weight_decay=0.1, betas=(0.9, 0.99))],
     "lion_adv": [dict(weight_decay=0.1, cautious_wd=True, orthogonal_gradient="flattened"),
                  dict(cautious_mask=True, betas=(0.95, 0.98))],
 }

@@ -167,3 +167,37 @@ def adopt_adv(betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6, wei
         decay_stage(weight_decay, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),
     )
+
+
+@register
+def simplified_ademamix(betas: tuple[float, float] = (0.99, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                        cautious_wd: bool = False, alpha_grad: float = 100.0, beta1_warmup: int | None = None,
+                        min_beta1: float = 0.9, use_bias_correction: bool = True, stochastic_rounding: bool = True,
+                        orthogonal_gradient: Any = False, kourkoutas_beta: bool = False, beta2_min: float = 0.9,
+                        ema_alpha: float = 0.95, tiny_spike: float = 1e-9, k_warmup_steps: int = 0,
+                        k_logging: int = 0, nnmf_factor: bool = False, vector_reshape: bool = False,
+                        seed: int = 0) -> Chain:
+    """adv_optm 2.2.3's ``Simplified_AdEMAMix`` (arXiv 2502.02431 as the reference implements it):
+    :func:`scale_by_adam` with ``beta1 = 0`` for the second moment, :func:`simplified_accumulator`
+    with ``reference_scaling=True`` (the reference's extra ``1/(sum beta1^k + alpha_grad)`` and
+    ``1/sqrt(S1)`` factors; weight decay shrinks with the first), then ``eps_divide``.
+
+    >>> import adv_chain as ac
+    >>> ac.presets.simplified_ademamix().names
+    ('adam', 'simplified_accumulator', 'eps_divide', 'weight_decay', 'apply')
+    """
+    name = "simplified_ademamix"
+    not_yet(name, kourkoutas_beta=kourkoutas_beta, nnmf_factor=nnmf_factor)
+    beta1, beta2 = checks.beta_pair(name, "betas", betas)
+    if beta1 == 0:
+        raise ValueError(f"{name}: betas[0]=0 leaves no accumulator; Simplified AdEMAMix needs beta1 in (0, 1)")
+    correct = checks.flag(name, "use_bias_correction", use_bias_correction)
+    return chain(
+        *gradient_stage(name, orthogonal_gradient),
+        T.scale_by_adam(betas=(0.0, beta2), bias_correction=correct),
+        T.simplified_accumulator(beta1=beta1, alpha_grad=alpha_grad, beta1_warmup=beta1_warmup, min_beta1=min_beta1,
+                                 reference_scaling=True, bias_correction=correct),
+        T.eps_divide(eps),
+        decay_stage(weight_decay, cautious_wd),
+        terminal(stochastic_rounding=stochastic_rounding, seed=seed),
+    )

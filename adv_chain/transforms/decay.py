@@ -40,9 +40,17 @@ class WeightDecay(Transform):
         return {"coef": wd * h.lr if max_lr is None else wd * h.lr / max_lr}
 
     def update(self, b: Any) -> None:
-        coef = b.s("coef")
+        coef = self._coef(b)
         if not F.is_zero(coef):
             b.add_decay_coef(coef)
+
+    @staticmethod
+    def _coef(b: Any) -> Any:
+        """The decay coefficient, shrunk by an ``lr_scale`` an earlier transform published (the
+        step size the reference applies weight decay with, e.g. Simplified AdEMAMix's)."""
+        coef = b.s("coef")
+        scale = b.signals.get("lr_scale")
+        return coef if scale is None else coef * scale
 
 
 class CautiousWeightDecay(WeightDecay):
@@ -60,7 +68,7 @@ class CautiousWeightDecay(WeightDecay):
     reads = frozenset({"param", "update"})
 
     def update(self, b: Any) -> None:
-        coef = b.s("coef")
+        coef = self._coef(b)
         if F.is_zero(coef):
             return
         p32 = b.params if b.params[0].dtype == torch.float32 else [p.float() for p in b.params]
