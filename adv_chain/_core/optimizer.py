@@ -185,12 +185,16 @@ class ChainOptimizer(torch.optim.Optimizer):
             self._run(works)
         return loss
 
-    def _collect(self) -> list[Work]:
+    def _collect(self, only: tuple[torch.Tensor, int] | None = None) -> list[Work]:
+        """The buckets of this step (``only``: one parameter and its group index)."""
         needs_noise = getattr(self._terminal, "needs_noise", False)
         # validate everything first: an error leaves no step counted and no state touched
         todo = []
         for gi, group in enumerate(self.param_groups):
-            with_grad = [p for p in group["params"] if p.grad is not None]
+            if only is not None and gi != only[1]:
+                continue
+            candidates = group["params"] if only is None else [only[0]]
+            with_grad = [p for p in candidates if p.grad is not None]
             if not with_grad:
                 continue
             hps = self._resolve_all(group, gi)
@@ -234,6 +238,31 @@ class ChainOptimizer(torch.optim.Optimizer):
             w.noise_keys = ([noise_key(self._terminal.args["seed"], w.step, i) for i in w.indices]
                             if needs_noise else None)
         return out
+
+    # -- gradient release / fused backward ------------------------------------------------------
+    def supports_fused_back_pass(self) -> bool:
+        """OneTrainer's contract: :meth:`step_parameter` may be called from backward hooks."""
+        return True
+
+    def step_parameter(self, p: torch.Tensor, group: Mapping[str, Any], i: int | None = None) -> None:
+        """Run the chain on one parameter now (its gradient must be ready): the entry point of
+        gradient release / fused backward (``ac.enable_gradient_release``). Elementwise and
+        per-tensor chains give exactly the numbers of :meth:`step`. Transforms that reduce over many
+        parameters (``clip_by_global_norm``, layer-scope ones) need every gradient first and are
+        refused here."""
+        barriers = [seg.barrier for seg in self._plan if seg.barrier is not None
+                    and not (seg.barrier.scope == "layer" and type(seg.barrier).layer_key is Transform.layer_key)]
+        if barriers:
+            names = ", ".join(repr(t.name) for t in barriers)
+            raise ValueError(f"step_parameter: {names} reduce over many parameters and cannot run one parameter at a "
+                             "time; use step() (or drop it from the chain) with gradient release")
+        gi = next((k for k, g in enumerate(self.param_groups) if g is group), None)
+        if gi is None:
+            raise ValueError("step_parameter: `group` is not one of this optimizer's param_groups")
+        with torch.no_grad():
+            works = self._collect(only=(p, gi))
+            if works:
+                self._run(works)
 
     def _run(self, works: list[Work]) -> None:
         for si, seg in enumerate(self._plan):
