@@ -410,3 +410,19 @@ def test_chain_optimizer_requires_a_terminal():
         ac.ChainOptimizer([p], ac.chain(ac.scale_by_adam(), ac.eps_divide()))
     with pytest.raises(ValueError, match="the chain has no terminal"):
         ac.ChainOptimizer([p], ac.chain())
+
+
+def test_with_args_changes_one_argument_and_checks_names():
+    t = ac.scale_by_adam(betas=(0.9, 0.95))
+    assert t.with_args(amsgrad=True) == ac.scale_by_adam(betas=(0.9, 0.95), amsgrad=True)
+    assert ac.named("adam2", t).with_args(amsgrad=True).name == "adam2"
+    with pytest.raises(TypeError, match="no argument"):
+        t.with_args(beta=0.5)
+
+
+def test_init_state_allocates_every_key_up_front():
+    model = torch.nn.Linear(3, 2)
+    opt = ac.ChainOptimizer(model.parameters(), "adamw")
+    opt.init_state()
+    assert set(opt.state[model.weight]) == {"step", "adam/exp_avg", "adam/exp_avg_sq"}
+    assert float(opt.state[model.weight]["step"]) == 0

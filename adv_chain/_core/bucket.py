@@ -19,7 +19,7 @@ chain runs on data still in cache). All lists are aligned: ``b.params[i]``, ``b.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -97,5 +97,3 @@ def run_transforms(transforms: tuple, b: Bucket) -> None:
         b.enter(t.name, t.stage)
         t.update(b)
 
-
-SegmentKernel = Callable[..., None]

@@ -197,6 +197,3 @@ def transform_from_config(cfg: Mapping[str, Any]) -> Transform:
     args = {k: (float(v) if v in ("inf", "-inf") else v) for k, v in dict(cfg.get("args", {})).items()}
     return cls(name=cfg.get("name"), **args)
 
-
-def registered_transforms() -> dict[str, type[Transform]]:
-    return dict(_REGISTRY)
