@@ -32,6 +32,9 @@ CASES_2_5_16 = [
     {"betas": (0.0, 0.99)},
     {"eps": 1e-6, "betas": (0.8, 0.95)},
     {"use_atan2": True, "orthogonal_gradient": "flattened", "weight_decay": 0.1, "cautious_wd": True},
+    {"kourkoutas_beta": True},
+    {"kourkoutas_beta": True, "k_warmup_steps": 10, "beta2_min": 0.8, "ema_alpha": 0.9},
+    {"kourkoutas_beta": True, "orthogonal_gradient": "flattened", "weight_decay": 0.1},
 ]
 
 
@@ -107,7 +110,7 @@ def test_preset_lookup_ignores_case_and_aliases_exist():
     assert ac.optim.Adam_Adv is ac.optim.AdamW_adv
 
 
-@pytest.mark.parametrize("flag", [{"kourkoutas_beta": True}, {"nnmf_factor": True}, {"state_precision": "bf16_sr"},
+@pytest.mark.parametrize("flag", [{"layer_key_fn": lambda p: 0}, {"nnmf_factor": True}, {"state_precision": "bf16_sr"},
                                   {"fisher_wd": True}, {"nesterov": True}, {"centered_wd": 0.1},
                                   {"orthogonal_gradient": "iterative"}, {"spectral_normalization": True}])
 def test_features_not_yet_in_adv_chain_are_refused_by_name(flag):
@@ -247,3 +250,46 @@ def test_simplified_ademamix_follows_the_spec_formulas(kwargs):
         update = (m + alpha * g) / (v.sqrt() + math.sqrt(s2) * eps) * eta * math.sqrt(s2 / s1)
         w = w - eta * wd * w - update
     torch.testing.assert_close(p.detach(), w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_kourkoutas_beta_paper_mode_follows_the_formulas(warmup):
+    """arXiv 2508.12996 (kbeta): current-step layer norm, EMA before the ratio, sunspike, hold-warmup;
+    layers = one tensor each; Adam's v uses the layer's beta2, bias correction stays 1 - beta2_max^t."""
+    import math
+    torch.manual_seed(0)
+    shapes = [(6, 5), (5,)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(2)
+    grads = [[torch.randn(s, generator=gen) * (1 + 4 * (t == 4)) for s in shapes] for t in range(8)]
+    b2min, b2max, alpha, tiny, lr = 0.88, 0.999, 0.93, 1e-9, 1e-2
+    chain = ac.chain(ac.kourkoutas_beta(beta2_min=b2min, beta2_max=b2max, ema_alpha=alpha, warmup=warmup),
+                     ac.scale_by_adam(betas=(0.9, b2max)), ac.eps_divide(1e-8), ac.apply())
+    opt = ac.ChainOptimizer(params, chain, lr=lr)
+    w = [s.clone() for s in start]
+    m = [torch.zeros(s) for s in shapes]
+    v = [torch.zeros(s) for s in shapes]
+    r = [0.0 for _ in shapes]
+    for t, step_grads in enumerate(grads, start=1):
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(step_grads):
+            n = g.norm().item()
+            r[i] = alpha * r[i] + (1 - alpha) * n
+            ratio = n / (r[i] + tiny)
+            beta2 = b2max - (b2max - b2min) * ratio / (1 + ratio)
+            if t <= warmup:
+                beta2 = 0.5 * (b2min + b2max)
+            m[i] = 0.9 * m[i] + 0.1 * g
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            w[i] = w[i] - lr * (m[i] / (1 - 0.9 ** t)) / ((v[i] / (1 - b2max ** t)).sqrt() + 1e-8)
+    for p, e in zip(params, w):
+        torch.testing.assert_close(p.detach(), e, atol=1e-5, rtol=0)
+    assert math.isclose(float(opt.state[params[1]]["kourkoutas/r_ema"]), r[1], rel_tol=1e-5)
+
+
+def test_kourkoutas_after_the_moment_it_feeds_is_a_build_error():
+    with pytest.raises(ValueError, match="kourkoutas.*beta2.*no later transform consumes"):
+        ac.chain(ac.scale_by_adam(), ac.kourkoutas_beta(), ac.eps_divide(), ac.apply())

@@ -401,6 +401,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         flatten = self._compile_options is not None
 
         def cut(x: torch.Tensor, start: Any, end: Any) -> torch.Tensor:
+            if x.dim() == 0:  # per-tensor scalar state: every slice sees the whole value
+                return x
             if start is None:
                 if whole or (not flatten and x.is_contiguous()):
                     return x

@@ -44,12 +44,15 @@ class StateSpec:
     bf16 params), ``"param"`` is the parameter's dtype, or an explicit ``torch.dtype``.
     ``init``: ``"zeros"`` or ``"param"`` (a copy of the parameter). ``kind``: ``"signed"``,
     ``"nonneg"`` or ``"any"``; with ``factorable`` it tells a state-compressing wrapper what it may do.
+    ``scalar=True`` makes it one 0-d fp32 value per parameter (every slice of the tensor sees it).
     """
 
     dtype: Any = "state"
     init: str = "zeros"
     kind: str = "any"
     factorable: bool = False
+    #: ``True``: one 0-d value per parameter (a per-tensor statistic) instead of a param-shaped tensor
+    scalar: bool = False
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,16 @@ def direction_mask(preset: str, cautious_mask: bool, grams_moment: bool) -> tupl
     return (T.cautious(rescale="mean"),) if cautious_mask else ()
 
 
+def kourkoutas_stage(preset: str, enabled: bool, betas: Any, beta2_min: float, ema_alpha: float, tiny_spike: float,
+                     warmup: int) -> tuple[Transform, ...]:
+    """adv_optm's ``kourkoutas_beta``: shape-shared layers, previous step's norms, a warm-up that
+    ramps from beta2_max (its deviations from the paper, see :func:`kourkoutas_beta`)."""
+    if not checks.flag(preset, "kourkoutas_beta", enabled):
+        return ()
+    return (T.kourkoutas_beta(beta2_min=beta2_min, beta2_max=betas[1], ema_alpha=ema_alpha, tiny_spike=tiny_spike,
+                              warmup=warmup, warmup_mode="ramp", layer_key="shape", lag=True),)
+
+
 def decay_stage(weight_decay: float, cautious_wd: bool) -> Transform:
     if checks.flag("preset", "cautious_wd", cautious_wd):
         return T.cautious_wd(weight_decay, name="weight_decay")
@@ -86,7 +96,7 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     """
     name = "adamw_adv"
     not_yet(name, fisher_wd=fisher_wd, nesterov=nesterov, normed_momentum=normed_momentum,
-            kourkoutas_beta=kourkoutas_beta, spectral_normalization=spectral_normalization, centered_wd=centered_wd,
+            spectral_normalization=spectral_normalization, centered_wd=centered_wd,
             state_precision=state_precision != "auto" and state_precision, factored_2nd=factored_2nd,
             nnmf_factor=nnmf_factor)
     if eps is None:
@@ -96,6 +106,7 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     checks.flag(name, "use_atan2", use_atan2)
     return chain(
         *gradient_stage(name, orthogonal_gradient),
+        *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps),
         T.scale_by_adam(betas=betas, bias_correction=checks.flag(name, "use_bias_correction", use_bias_correction)),
         *((T.ademamix(beta3=beta3_ema, alpha=alpha, slow_bias_correction=True),) if use_AdEMAMix else ()),
         T.atan2_scale(bias_correction="outside") if use_atan2 else T.eps_divide(eps),

@@ -33,6 +33,7 @@ class ScaleByAdam(Transform):
     stage = "moment"
     writes = frozenset({"update", "sig:denom", "sig:bc1"})
     optional_signals = frozenset({"sig:bc1"})
+    consumes = frozenset({"sig:beta2"})  # a per-tensor beta2 from kourkoutas_beta, when present
     hparams = {"betas": HParam("betas", checks.beta_pair), "amsgrad": HParam("amsgrad", checks.flag)}
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), amsgrad: bool = False,
@@ -64,8 +65,15 @@ class ScaleByAdam(Transform):
         if b.s("first_moment"):
             m = b.state("exp_avg")
             F.lerp_(m, g, b.s("one_minus_b1"))
-        torch._foreach_mul_(v, b.s("b2"))
-        F.addcmul_(v, g, g, b.s("one_minus_b2"))
+        beta2 = b.signals.pop("beta2", None)
+        if beta2 is None:
+            torch._foreach_mul_(v, b.s("b2"))
+            F.addcmul_(v, g, g, b.s("one_minus_b2"))
+        else:  # one beta2 per tensor (a 0-d tensor each); the bias correction stays static
+            torch._foreach_mul_(v, beta2)
+            sq = torch._foreach_mul(g, g)
+            torch._foreach_mul_(sq, [1.0 - x for x in beta2])
+            torch._foreach_add_(v, sq)
         if b.s("amsgrad"):
             v_max = b.state("max_exp_avg_sq")
             torch._foreach_maximum_(v_max, v)
