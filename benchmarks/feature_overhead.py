@@ -31,6 +31,7 @@ FEATURES = {  # name -> (keywords, available in adv-optm 2.5.16)
     "AdEMAMix": ({"use_AdEMAMix": True}, False),
     "atan2": ({"use_atan2": True}, True),
     "cautious_wd": ({"cautious_wd": True, "weight_decay": 0.01}, True),
+    "kourkoutas_beta": ({"kourkoutas_beta": True}, True),
 }
 
 
