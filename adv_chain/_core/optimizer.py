@@ -6,15 +6,14 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from . import checks
-from .chain import Chain
-from .numerics import noise_key
 from .bucket import Bucket
+from .chain import Chain
 from .compile import layout_and_tensors, make_kernel
+from .numerics import noise_key
 from .plan import Segment, Work, build_plan, flat_view, segment_body
-from .state import allocate_state, match_checkpoint, restore_saved_state, state_specs
+from .state import STATE_DTYPES, allocate_state, match_checkpoint, restore_saved_state, state_specs
 from .transform import HostView, StateSpec, Transform
 
-from .state import STATE_DTYPES as _STATE_DTYPES
 # elementwise segments run on groups of flat slices: at most PIECE elements per slice and about
 # GROUP elements per group (a few MB of fp32 per state stream: resident in L2/L3 while the whole
 # chain runs on it). Tuned on the 27.8M set at 1 and 2 threads (benchmarks/step_time.py).
@@ -66,7 +65,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             raise ValueError("ChainOptimizer: the chain has no terminal; end it with ac.apply(), "
                              "ac.stochastic_round_apply() or ac.kahan_apply()")
         checks.nonneg("ChainOptimizer", "lr", lr)
-        checks.choice("ChainOptimizer", "state_dtype", state_dtype, _STATE_DTYPES)
+        checks.choice("ChainOptimizer", "state_dtype", state_dtype, STATE_DTYPES)
         if not isinstance(chunk_elems, int) or chunk_elems < 1024:
             raise ValueError(f"ChainOptimizer: chunk_elems={chunk_elems!r} must be an int >= 1024")
         if not (isinstance(compile, bool) or isinstance(compile, Mapping)):
