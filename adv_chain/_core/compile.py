@@ -84,3 +84,44 @@ def make_kernel(transforms: tuple, layout: Layout, options: Mapping[str, Any]) -
     # kernels of different layouts never count against each other's recompile limit
     kernel.__code__ = kernel.__code__.replace(co_name=f"adv_chain_segment_kernel_{next(_KERNEL_IDS)}")
     return torch.compile(kernel, **{"dynamic": True, "fullgraph": True, **options})
+
+
+class ScalarCache:
+    """0-d tensors that stand for host values in compiled kernels: one per key, filled in place
+    when the value changes, so the kernels' inputs never change identity (no recompilation)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Any, tuple[Any, torch.Tensor]] = {}
+
+    def get(self, key: Any, value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = (value, torch.tensor(value, dtype=dtype, device=device))
+        elif entry[0] != value:
+            entry[1].fill_(value)
+            entry = (value, entry[1])
+        self._entries[key] = entry
+        return entry[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def tensor_scalars(cache: ScalarCache, w: Any, transforms: tuple) -> dict[str, dict[str, Any]]:
+    """A bucket's host scalars as cached 0-d fp32 tensors on its device; static scalars (and
+    values that already are tensors or per-tensor lists) pass through."""
+    dev, dtype = w.params[0].device, w.params[0].dtype
+    out = {}
+    for t in transforms:
+        out[t.name] = {
+            name: (v if name in t.static_scalars or isinstance(v, (bool, torch.Tensor, list))
+                   else cache.get((w.group_index, dev, dtype, t.name, name), float(v), torch.float32, dev))
+            for name, v in w.scalars[t.name].items()}
+    return out
+
+
+def noise_key_tensors(cache: ScalarCache, w: Any) -> list[torch.Tensor] | None:
+    """The stochastic-rounding noise keys of a bucket as cached int32 0-d tensors (one per param)."""
+    if w.noise_keys is None:
+        return None
+    return [cache.get(("noise", p), k, torch.int32, p.device) for p, k in zip(w.params, w.noise_keys)]

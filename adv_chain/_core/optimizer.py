@@ -8,7 +8,7 @@ import torch
 from . import checks
 from .bucket import Bucket
 from .chain import Chain
-from .compile import layout_and_tensors, make_kernel
+from .compile import ScalarCache, layout_and_tensors, make_kernel, noise_key_tensors, tensor_scalars
 from .numerics import noise_key
 from .plan import Segment, Work, build_plan, flat_view, segment_body
 from .state import STATE_DTYPES, allocate_state, match_checkpoint, restore_saved_state, state_specs
@@ -78,7 +78,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._terminal = chain.transforms[-1]
         self._compile_options = (dict(compile) if isinstance(compile, Mapping) else {}) if compile else None
         self._kernels: dict[Any, Callable[..., Any]] = {}
-        self._scalar_cache: dict[Any, tuple[Any, torch.Tensor]] = {}
+        self._scalar_cache = ScalarCache()
         self._ready: set[torch.Tensor] = set()
         self._validated: dict[Any, tuple[Any, Any]] = {}
         self._param_index: dict[torch.Tensor, int] = {}
@@ -313,46 +313,6 @@ class ChainOptimizer(torch.optim.Optimizer):
             kernel = self._kernels[(si, layout)] = make_kernel(seg.transforms, layout, self._compile_options)
         return kernel(*tensors)
 
-    def _tensor_scalars(self, w: Work, seg: Segment) -> dict[str, dict[str, Any]]:
-        """Host scalars as cached 0-d tensors on the bucket's device (filled in place when a value
-        changes), so compiled kernels see stable inputs; static scalars stay Python values."""
-        dev = w.params[0].device
-        out = {}
-        for t in seg.transforms:
-            vals = {}
-            for name, v in w.scalars[t.name].items():
-                if name in t.static_scalars or isinstance(v, (bool, torch.Tensor, list)):
-                    vals[name] = v
-                    continue
-                key = (w.group_index, dev, w.params[0].dtype, t.name, name)
-                cached = self._scalar_cache.get(key)
-                if cached is None:
-                    tensor = torch.tensor(float(v), dtype=torch.float32, device=dev)
-                    self._scalar_cache[key] = (v, tensor)
-                else:
-                    old, tensor = cached
-                    if old != v:
-                        tensor.fill_(v)
-                        self._scalar_cache[key] = (v, tensor)
-                vals[name] = tensor
-            out[t.name] = vals
-        return out
-
-    def _key_tensors(self, w: Work) -> list[torch.Tensor] | None:
-        if w.noise_keys is None:
-            return None
-        out = []
-        for p, k in zip(w.params, w.noise_keys):
-            cached = self._scalar_cache.get(("noise", p))
-            if cached is None:
-                cached = (k, torch.tensor(k, dtype=torch.int32, device=p.device))
-            elif cached[0] != k:
-                cached[1].fill_(k)
-                cached = (k, cached[1])
-            self._scalar_cache[("noise", p)] = cached
-            out.append(cached[1])
-        return out
-
     def _seg_states(self, seg: Segment, w: Work) -> dict[str, dict[str, list[torch.Tensor]]]:
         return {t.name: w.states[t.name] for t in seg.transforms}
 
@@ -361,8 +321,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         owned = w.full_u is not None
         states = self._seg_states(seg, w)
         if self._compile_options is not None:
-            scalars = self._tensor_scalars(w, seg)
-            keys = self._key_tensors(w)
+            scalars = tensor_scalars(self._scalar_cache, w, seg.transforms)
+            keys = noise_key_tensors(self._scalar_cache, w)
             # one call per group of same-sized tensors: the compiled kernel loops over them in one go
             by_size: dict[int, list[tuple[int, Any, Any]]] = {}
             for i, p in enumerate(w.params):
@@ -452,8 +412,10 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def _run_whole(self, si: int, seg: Segment, w: Work) -> None:
         source = w.full_u if w.full_u is not None else w.grads
-        scalars = self._tensor_scalars(w, seg) if self._compile_options is not None else w.scalars
-        keys = self._key_tensors(w) if self._compile_options is not None else w.noise_keys
+        scalars, keys = w.scalars, w.noise_keys
+        if self._compile_options is not None:
+            scalars = tensor_scalars(self._scalar_cache, w, seg.transforms)
+            keys = noise_key_tensors(self._scalar_cache, w)
         pieces = [(i, None, None) for i in range(len(w.params))]
         self._run_pieces(si, seg, w, pieces, source, w.full_u is not None,
                          self._seg_states(seg, w), scalars, keys)
