@@ -32,6 +32,8 @@ CASES_2_5_16 = [
     {"betas": (0.0, 0.99)},
     {"eps": 1e-6, "betas": (0.8, 0.95)},
     {"use_atan2": True, "orthogonal_gradient": "flattened", "weight_decay": 0.1, "cautious_wd": True},
+    {"nesterov": True},
+    {"nesterov": True, "nesterov_coef": 0.5, "use_atan2": True},
     {"kourkoutas_beta": True},
     {"kourkoutas_beta": True, "k_warmup_steps": 10, "beta2_min": 0.8, "ema_alpha": 0.9},
     {"kourkoutas_beta": True, "orthogonal_gradient": "flattened", "weight_decay": 0.1},
@@ -111,7 +113,7 @@ def test_preset_lookup_ignores_case_and_aliases_exist():
 
 
 @pytest.mark.parametrize("flag", [{"layer_key_fn": lambda p: 0}, {"nnmf_factor": True}, {"state_precision": "bf16_sr"},
-                                  {"fisher_wd": True}, {"nesterov": True}, {"centered_wd": 0.1},
+                                  {"fisher_wd": True}, {"normed_momentum": True}, {"centered_wd": 0.1},
                                   {"orthogonal_gradient": "iterative"}, {"spectral_normalization": True}])
 def test_features_not_yet_in_adv_chain_are_refused_by_name(flag):
     (name, value), = flag.items()

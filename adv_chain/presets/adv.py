@@ -95,7 +95,7 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     ('orthograd', 'adam', 'atan2_scale', 'weight_decay', 'apply')
     """
     name = "adamw_adv"
-    not_yet(name, fisher_wd=fisher_wd, nesterov=nesterov, normed_momentum=normed_momentum,
+    not_yet(name, fisher_wd=fisher_wd, normed_momentum=normed_momentum,
             spectral_normalization=spectral_normalization, centered_wd=centered_wd,
             state_precision=state_precision != "auto" and state_precision, factored_2nd=factored_2nd,
             nnmf_factor=nnmf_factor)
@@ -107,7 +107,8 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     return chain(
         *gradient_stage(name, orthogonal_gradient),
         *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps),
-        T.scale_by_adam(betas=betas, bias_correction=checks.flag(name, "use_bias_correction", use_bias_correction)),
+        T.scale_by_adam(betas=betas, bias_correction=checks.flag(name, "use_bias_correction", use_bias_correction),
+                        nesterov=checks.flag(name, "nesterov", nesterov), nesterov_coef=nesterov_coef),
         *((T.ademamix(beta3=beta3_ema, alpha=alpha, slow_bias_correction=True),) if use_AdEMAMix else ()),
         T.atan2_scale(bias_correction="outside") if use_atan2 else T.eps_divide(eps),
         *direction_mask(name, cautious_mask, grams_moment),

@@ -21,6 +21,8 @@ class ScaleByAdam(Transform):
     group may set it, as torch allows);
     ``bias_correction=False`` drops both corrections. With ``beta1 = 0`` no first moment is kept and
     the gradient passes through (the second-moment half, e.g. under :func:`simplified_accumulator`).
+    ``nesterov=True`` emits ``(c*m + (1-c)*g) / (1-b1^t)`` with ``c = nesterov_coef`` (default beta1),
+    adv_optm's universal Nesterov form.
     ``betas`` is fed by ``group["betas"]``.
 
     >>> import adv_chain as ac
@@ -37,9 +39,13 @@ class ScaleByAdam(Transform):
     hparams = {"betas": HParam("betas", checks.beta_pair), "amsgrad": HParam("amsgrad", checks.flag)}
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), amsgrad: bool = False,
-                 bias_correction: bool = True, *, name: str | None = None) -> None:
+                 bias_correction: bool = True, nesterov: bool = False, nesterov_coef: float | None = None, *,
+                 name: str | None = None) -> None:
+        if nesterov_coef is not None:
+            nesterov_coef = checks.closed_unit(self.type_name, "nesterov_coef", nesterov_coef)
         super().__init__(name=name, betas=betas, amsgrad=checks.flag(self.type_name, "amsgrad", amsgrad),
-                         bias_correction=checks.flag(self.type_name, "bias_correction", bias_correction))
+                         bias_correction=checks.flag(self.type_name, "bias_correction", bias_correction),
+                         nesterov=checks.flag(self.type_name, "nesterov", nesterov), nesterov_coef=nesterov_coef)
 
     def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
         specs = {"exp_avg_sq": StateSpec(kind="nonneg", factorable=True)}
@@ -53,11 +59,13 @@ class ScaleByAdam(Transform):
         b1, b2 = h.hp["betas"][:2]
         bc1 = 1.0 - b1 ** h.step if h.hp["bias_correction"] else 1.0
         bc2 = 1.0 - b2 ** h.step if h.hp["bias_correction"] else 1.0
+        c = b1 if h.hp["nesterov_coef"] is None else h.hp["nesterov_coef"]
         return {"one_minus_b1": 1.0 - b1, "b2": b2, "one_minus_b2": 1.0 - b2,
                 "inv_bc1": 1.0 / bc1, "bc1": bc1, "sqrt_bc2": math.sqrt(bc2), "amsgrad": h.hp["amsgrad"],
-                "first_moment": b1 != 0}
+                "first_moment": b1 != 0, "nesterov": h.hp["nesterov"] and b1 != 0,
+                "nesterov_m": c / bc1, "nesterov_g": (1.0 - c) / bc1}
 
-    static_scalars = frozenset({"amsgrad", "first_moment"})
+    static_scalars = frozenset({"amsgrad", "first_moment", "nesterov"})
 
     def update(self, b: Any) -> None:
         g = b.u
@@ -80,7 +88,11 @@ class ScaleByAdam(Transform):
             v = v_max
         denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, b.s("sqrt_bc2"))
-        if b.s("first_moment"):
+        if b.s("nesterov"):  # (c*m + (1-c)*g) / (1 - b1^t)
+            u = torch._foreach_mul(m, b.s("nesterov_m"))
+            F.add_scaled_(u, g, b.s("nesterov_g"))
+            b.set_u(u)
+        elif b.s("first_moment"):
             b.set_u(torch._foreach_mul(m, b.s("inv_bc1")))
         # with beta1 = 0 the direction is the gradient itself (no exp_avg is kept)
         b.signals["denom"] = denom
