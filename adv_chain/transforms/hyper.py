@@ -62,7 +62,7 @@ class KourkoutasBeta(Transform):
     def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
         specs = {"r_ema": StateSpec(scalar=True)}
         if hp["lag"]:
-            specs["sq_norm"] = StateSpec(scalar=True)  # this tensor's ||g||^2 of the previous step
+            specs["sq_norm"] = StateSpec(scalar=True)  # ||g||^2 of the previous step, summed over slices
         return specs
 
     def layer_key(self, param: torch.Tensor, index: int, group: Mapping[str, Any]) -> Any:
@@ -79,12 +79,15 @@ class KourkoutasBeta(Transform):
         return {"warm_weight": weight, "hold": 1.0 if hold else 0.0}
 
     def reduce(self, b: Any) -> list[torch.Tensor]:
-        sq_now = torch._foreach_pow(torch._foreach_norm(b.u, 2, dtype=torch.float32), 2)
         r_old = b.state("r_ema")
-        sq_used = b.state("sq_norm") if self.args["lag"] else sq_now
+        if self.args["lag"]:
+            # last step's norms, accumulated by update() slice by slice: no pass over the gradients here
+            sq_used = [x.clone() for x in b.state("sq_norm")]
+            torch._foreach_zero_(b.state("sq_norm"))
+        else:
+            sq_used = torch._foreach_pow(torch._foreach_norm(b.u, 2, dtype=torch.float32), 2)
         weight = torch.tensor([b.s("warm_weight"), b.s("hold")], dtype=torch.float32)
-        return [torch.cat((torch.stack((now, r, used)), weight.to(now.device)))
-                for now, r, used in zip(sq_now, r_old, sq_used)]
+        return [torch.cat((torch.stack((r, used)), weight.to(used.device))) for r, used in zip(r_old, sq_used)]
 
     def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
                  hp: Mapping[str, Any]) -> dict[str, list[torch.Tensor]]:
@@ -92,26 +95,26 @@ class KourkoutasBeta(Transform):
         sums: dict[Any, torch.Tensor] = {}
         owner: dict[Any, torch.Tensor] = {}
         for v, key in zip(values, layer_keys):
-            sums[key] = sums[key] + v[2] if key in sums else v[2]
+            sums[key] = sums[key] + v[1] if key in sums else v[1]
             owner.setdefault(key, v)
         per_layer = {}
         for key, sq in sums.items():
             v = owner[key]
             n = sq.sqrt()
-            r = alpha * v[1] + (1 - alpha) * n
+            r = alpha * v[0] + (1 - alpha) * n
             ratio = n / (r + tiny)
             sun = ratio / (1 + ratio)
             target = b2max - (b2max - b2min) * sun
-            beta2 = (1 - v[3]) * b2max + v[3] * target
-            beta2 = torch.where(v[4] > 0, torch.full_like(beta2, 0.5 * (b2min + b2max)), beta2)
+            beta2 = (1 - v[2]) * b2max + v[2] * target
+            beta2 = torch.where(v[3] > 0, torch.full_like(beta2, 0.5 * (b2min + b2max)), beta2)
             per_layer[key] = (beta2, r)
-        return {"beta2": [per_layer[k][0] for k in layer_keys], "r_new": [per_layer[k][1] for k in layer_keys],
-                "sq_now": [v[0] for v in values]}
+        return {"beta2": [per_layer[k][0] for k in layer_keys], "r_new": [per_layer[k][1] for k in layer_keys]}
 
     def update(self, b: Any) -> None:
         torch._foreach_copy_(b.state("r_ema"), b.s("r_new"))
-        if self.args["lag"]:
-            torch._foreach_copy_(b.state("sq_norm"), b.s("sq_now"))
+        if self.args["lag"]:  # this step's squared norms, for the next step (slices of a tensor add up)
+            for acc, norm in zip(b.state("sq_norm"), torch._foreach_norm(b.u, 2, dtype=torch.float32)):
+                acc.add_(norm * norm)
         b.signals["beta2"] = b.s("beta2")
 
 
