@@ -6,6 +6,7 @@
 from . import optim, presets
 from ._core.chain import Chain, chain, chain_from_config, named
 from ._core.optimizer import ChainOptimizer
+from .ablation import ablate
 from ._core.release import disable_gradient_release, enable_gradient_release
 from ._core.transform import HParam, StateSpec, Transform
 from .transforms import (add_l2, ademamix, apply, atan2_scale, cautious, cautious_wd, clip_by_global_norm, clip_by_value,
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Chain", "ChainOptimizer", "HParam", "StateSpec", "Transform", "chain", "chain_from_config", "named",
-    "optim", "presets", "enable_gradient_release", "disable_gradient_release",
+    "optim", "presets", "ablate", "enable_gradient_release", "disable_gradient_release",
     "add_l2", "apply", "clip_by_global_norm", "clip_by_value", "eps_divide", "kahan_apply", "momentum", "negate",
     "scale_by_adam", "scale_by_lion", "sign", "stochastic_round_apply", "weight_decay",
     "orthograd", "cautious", "grams", "ademamix", "simplified_accumulator", "atan2_scale", "cautious_wd", "scale_by_adopt", "kourkoutas_beta",

@@ -1,10 +1,10 @@
 """Quality: final train/validation loss of adamw and adamw_adv features, ours and adv-optm's, over seeds.
 
-Two small tasks that need no download:
+The two built-in tasks of the ablation runner (adv_chain/ablation/tasks.py), which need no download:
   * ``charlm`` - a byte-level transformer trained on the Python standard library's own source files
     (present on every machine), next-byte cross-entropy;
-  * ``mlp`` - a classifier on a deterministic synthetic dataset (Gaussian clusters through a fixed
-    random nonlinear map).
+  * ``mlp`` - a classifier on a deterministic synthetic dataset (overlapping Gaussian clusters through
+    a fixed random nonlinear map, 10% label noise).
 Each variant runs with the same seeds, data order and initialization for both libraries, so "same
 feature, same seed: ours and the reference agree" can be read off the table.
 
@@ -14,16 +14,15 @@ Usage (from the repository root):
 
 import argparse
 import datetime
-import math
 import shlex
 import statistics
 import sys
-import sysconfig
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adv_chain.ablation.tasks import charlm, mlp  # noqa: E402
 
 VARIANTS = {  # name -> keywords of AdamW_adv (both libraries); None: plain adamw
     "adamw": None,
@@ -38,73 +37,7 @@ VARIANTS = {  # name -> keywords of AdamW_adv (both libraries); None: plain adam
 LEGACY = {"cautious_mask", "grams_moment", "use_AdEMAMix"}
 
 
-def stdlib_bytes(limit: int = 2_000_000) -> torch.Tensor:
-    """The first ``limit`` bytes of the standard library's .py files, in sorted path order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for path in sorted(root.glob("*.py")):
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= limit:
-            break
-    return torch.tensor(list(b"".join(chunks)[:limit]), dtype=torch.long)
-
-
-class TinyCharLM(torch.nn.Module):
-    def __init__(self, d: int = 64, layers: int = 2, context: int = 64) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(256, d)
-        self.pos = torch.nn.Parameter(torch.zeros(context, d))
-        block = torch.nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
-        self.blocks = torch.nn.TransformerEncoder(block, layers)
-        self.norm = torch.nn.LayerNorm(d)
-        self.head = torch.nn.Linear(d, 256)
-        self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(context))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x) + self.pos[: x.shape[1]]
-        return self.head(self.norm(self.blocks(h, mask=self.mask[: x.shape[1], : x.shape[1]], is_causal=True)))
-
-
-def charlm_task(seed: int, steps: int):
-    data = stdlib_bytes()
-    split = int(0.9 * len(data))
-    train, val = data[:split], data[split:]
-    context, batch = 64, 16
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(train) - context - 1, (steps, batch), generator=gen)
-    val_starts = torch.arange(0, len(val) - context - 1, (len(val) - context - 1) // 32)[:32]
-    torch.manual_seed(seed)
-    model = TinyCharLM(context=context)
-
-    def loss_on(source: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        x = torch.stack([source[i:i + context] for i in idx.tolist()])
-        y = torch.stack([source[i + 1:i + context + 1] for i in idx.tolist()])
-        return torch.nn.functional.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
-
-    return model, (lambda t: loss_on(train, starts[t])), (lambda: loss_on(val, val_starts))
-
-
-def mlp_task(seed: int, steps: int):
-    gen = torch.Generator().manual_seed(1234)  # the dataset is the same for every seed
-    centers = torch.randn(10, 32, generator=gen) * 2
-    labels = torch.randint(0, 10, (6000,), generator=gen)
-    mix = torch.randn(32, 32, generator=gen) / math.sqrt(32)
-    x = torch.tanh((centers[labels] + torch.randn(6000, 32, generator=gen)) @ mix)
-    train_x, train_y, val_x, val_y = x[:5000], labels[:5000], x[5000:], labels[5000:]
-    order = torch.randint(0, 5000, (steps, 128), generator=torch.Generator().manual_seed(seed))
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
-                                torch.nn.GELU(), torch.nn.Linear(128, 10))
-
-    def loss_on(xs, ys):
-        return torch.nn.functional.cross_entropy(model(xs), ys)
-
-    return model, (lambda t: loss_on(train_x[order[t]], train_y[order[t]])), (lambda: loss_on(val_x, val_y))
-
-
-TASKS = {"charlm": (charlm_task, 3e-3), "mlp": (mlp_task, 3e-3)}
+TASKS = {"charlm": charlm, "mlp": mlp}  # the ablation runner's built-in tasks (one source of truth)
 
 
 def make_optimizer(library: str, variant: dict | None, params, lr: float):
@@ -122,8 +55,8 @@ def make_optimizer(library: str, variant: dict | None, params, lr: float):
 
 
 def run(task: str, library: str, variant: dict | None, seed: int, steps: int):
-    build, lr = TASKS[task]
-    model, train_loss, val_loss = build(seed, steps)
+    job = TASKS[task](seed, steps)
+    model, train_loss, val_loss, lr = job.model, job.train_loss, job.val_loss, job.lr
     opt = make_optimizer(library, variant, model.parameters(), lr)
     if opt is None:
         return None

@@ -1,7 +1,7 @@
 """Presets: named optimizers as chains. ``ac.presets.adamw(weight_decay=0.1)`` returns a :class:`Chain`;
 ``ac.presets.get(name, **kw)`` looks one up by name (case-insensitive); ``ac.presets.names()`` lists them."""
-from ._registry import get, keywords, names, register
+from ._registry import get, keywords, names, register, summary
 from .adv import adamw_adv, adopt_adv, lion_adv, simplified_ademamix
 from .classic import adam, adamw, lion, sgd, signum, terminal
 
-__all__ = ["get", "keywords", "names", "register", "sgd", "adam", "adamw", "lion", "signum", "terminal", "adamw_adv", "lion_adv", "adopt_adv", "simplified_ademamix"]
+__all__ = ["get", "keywords", "names", "register", "summary", "sgd", "adam", "adamw", "lion", "signum", "terminal", "adamw_adv", "lion_adv", "adopt_adv", "simplified_ademamix"]

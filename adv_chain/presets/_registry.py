@@ -26,6 +26,13 @@ def keywords(name: str) -> dict[str, Any]:
     return {k: p.default for k, p in sig.parameters.items()}
 
 
+def summary(name: str) -> str:
+    """The first sentence of a preset's docstring, on one line."""
+    doc = " ".join((_lookup(name).__doc__ or "").split())
+    end = doc.find(". ")
+    return doc if end < 0 else doc[:end + 1]
+
+
 def _lookup(name: str) -> Callable[..., Chain]:
     if not isinstance(name, str):
         raise TypeError(f"a preset name must be a string, got {type(name).__name__}")
