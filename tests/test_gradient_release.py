@@ -60,3 +60,58 @@ def test_enable_needs_a_chain_optimizer():
     model = _model()
     with pytest.raises(TypeError, match="ChainOptimizer"):
         ac.enable_gradient_release(torch.optim.SGD(model.parameters(), lr=0.1), model)
+
+
+def _accumulate(model, opt, micro_batches, sched=None):
+    """optimi's recipe: optimizer_accumulation on for all micro-batches but the last of each step."""
+    for step_batches in micro_batches:
+        for k, (x, y) in enumerate(step_batches):
+            opt.optimizer_accumulation = k < len(step_batches) - 1
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()  # released: nothing left to do (as training loops still call it)
+            opt.zero_grad()
+        if sched is not None:
+            sched.step()
+
+
+@pytest.mark.parametrize("micro", [1, 4])
+def test_optimizer_accumulation_matches_torch_optimi(micro):
+    import optimi  # pinned in the test extra
+    batches = _batches(12 * micro)
+    micro_batches = [batches[i:i + micro] for i in range(0, len(batches), micro)]
+    ours, theirs = _model(), _model()
+    opt_a = ac.optim.AdamW(ours.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2)
+    ac.enable_gradient_release(opt_a, ours)
+    opt_b = optimi.AdamW(theirs.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2,
+                         gradient_release=True)
+    optimi.prepare_for_gradient_release(theirs, opt_b)
+    sched_a = torch.optim.lr_scheduler.StepLR(opt_a, 4, 0.5)
+    sched_b = torch.optim.lr_scheduler.StepLR(opt_b, 4, 0.5)
+    _accumulate(ours, opt_a, micro_batches, sched_a)
+    _accumulate(theirs, opt_b, micro_batches, sched_b)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert all(p.grad is None for p in ours.parameters())
+    assert int(opt_a.state[next(ours.parameters())]["step"]) == 12 * micro  # each micro-batch is one EMA step
+
+
+def test_optimizer_accumulation_works_with_step_too_and_leaves_params_alone():
+    batches = _batches(8)
+    micro_batches = [batches[i:i + 4] for i in range(0, 8, 4)]
+    released, stepped = _model(), _model()
+    opt_a = ac.optim.AdamW_adv(released.parameters(), lr=1e-2, weight_decay=0.1, cautious_wd=True,
+                               stochastic_rounding=False)
+    ac.enable_gradient_release(opt_a, released)
+    opt_b = ac.optim.AdamW_adv(stepped.parameters(), lr=1e-2, weight_decay=0.1, cautious_wd=True,
+                               stochastic_rounding=False)
+    _accumulate(released, opt_a, micro_batches)
+    _accumulate(stepped, opt_b, micro_batches)
+    for a, b in zip(released.parameters(), stepped.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    before = [p.detach().clone() for p in stepped.parameters()]
+    opt_b.optimizer_accumulation = True
+    x, y = batches[0]
+    torch.nn.functional.mse_loss(stepped(x), y).backward()
+    opt_b.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, stepped.parameters()))
+    assert opt_a._plans[True] and [t.name for seg in opt_a._plans[True] for t in seg.transforms] == ["adam"]

@@ -10,7 +10,8 @@ from .bucket import Bucket
 from .chain import Chain
 from .compile import ScalarCache, layout_and_tensors, make_kernel, noise_key_tensors, tensor_scalars
 from .numerics import noise_key
-from .plan import Segment, Work, build_plan, flat_view, segment_body
+from .barrier import run_barrier
+from .plan import Segment, Work, accumulation_transforms, build_plan, flat_view, segment_body
 from .state import STATE_DTYPES, allocate_state, match_checkpoint, restore_saved_state, state_specs
 from .transform import HostView, StateSpec, Transform
 
@@ -38,6 +39,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         state_dtype: ``"fp32"`` (default: moments in fp32 even for bf16/fp16 params) or ``"param"``
             (torch's behaviour: state in the parameter dtype).
         chunk_elems: elements per cache-sized group of an elementwise segment (tuning knob).
+
+    ``optimizer.optimizer_accumulation = True`` (optimi's optimizer accumulation, e.g. on the
+    micro-batches of gradient release but the last): a step then runs only the gradient stage and the
+    moments (the step counter advances); no normalization, decay or parameter write.
 
     State lives in ``optimizer.state[p]`` as a flat dict with keys ``"<transform>/<key>"`` plus
     ``"step"``; ``state_dict``/``load_state_dict`` round-trip it with its declared dtypes.
@@ -74,7 +79,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self._group_elems = chunk_elems
         self._piece_elems = min(DEFAULT_PIECE, chunk_elems)
-        self._plan: tuple[Segment, ...] = build_plan(chain.transforms)
+        #: optimi's optimizer accumulation: while True a step updates the moments only (no decay, no write)
+        self.optimizer_accumulation = False
+        self._plans = {False: build_plan(chain.transforms), True: build_plan(accumulation_transforms(chain.transforms))}
         self._terminal = chain.transforms[-1]
         self._compile_options = (dict(compile) if isinstance(compile, Mapping) else {}) if compile else None
         self._kernels: dict[Any, Callable[..., Any]] = {}
@@ -172,6 +179,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                 if p not in self._ready:
                     self._init_state(p, hps)
 
+    @property
+    def _plan(self) -> tuple[Segment, ...]:
+        return self._plans[bool(self.optimizer_accumulation)]
+
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -266,7 +277,7 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _run(self, works: list[Work]) -> None:
         for si, seg in enumerate(self._plan):
             if seg.barrier is not None:
-                self._barrier(seg.barrier, works)
+                run_barrier(self, seg.barrier, works)
             for w in works:
                 if seg.whole:
                     self._run_whole(si, seg, w)
@@ -276,41 +287,14 @@ class ChainOptimizer(torch.optim.Optimizer):
                     w.full_u, w.full_g = w.next_u, (w.next_g if w.next_g is not None else w.full_g)
                     w.next_u = w.next_g = None
 
-    def _barrier(self, t: Transform, works: list[Work]) -> None:
-        """Reduce of a global/layer transform over every bucket, then one finalize. Results that are
-        one tensor reach every bucket; per-parameter lists are split back to their buckets."""
-        values: list[torch.Tensor] = []
-        layer_keys: list[Any] = []
-        for w in works:
-            if t.additive_reduce and w.partials[0] is not None:  # reduced while the last segment ran
-                values.extend(w.partials)
-                w.partials = [None] * len(w.params)
-            else:
-                u = w.full_u if w.full_u is not None else w.grads
-                b = Bucket(w.params, u, w.states, w.scalars, grads=w.full_g)
-                b.enter(t.name, t.stage)
-                values.extend(t.reduce(b))
-            group = self.param_groups[w.group_index]
-            layer_keys.extend(t.layer_key(p, i, group) for p, i in zip(w.params, w.indices))
-        result = t.finalize(values, layer_keys, works[0].hps[t.name])
-        self.step_info[t.name] = {k: v for k, v in result.items() if isinstance(v, torch.Tensor)}
-        start = 0
-        for w in works:
-            dev = w.params[0].device
-            n = len(w.params)
-            mine = {k: ([x.to(dev) for x in v[start:start + n]] if isinstance(v, list) else v.to(dev))
-                    for k, v in result.items()}
-            w.scalars[t.name] = {**w.scalars[t.name], **mine}
-            start += n
-
     def _call(self, si: int, seg: Segment, *args: Any) -> Any:
         """Run ``segment_body`` eagerly, or through the compiled kernel for this segment and layout."""
         if self._compile_options is None:
             return segment_body(seg.transforms, *args, seg.materialize)
         layout, tensors = layout_and_tensors(*args, seg.materialize)
-        kernel = self._kernels.get((si, layout))
+        kernel = self._kernels.get((id(seg), layout))
         if kernel is None:
-            kernel = self._kernels[(si, layout)] = make_kernel(seg.transforms, layout, self._compile_options)
+            kernel = self._kernels[(id(seg), layout)] = make_kernel(seg.transforms, layout, self._compile_options)
         return kernel(*tensors)
 
     def _seg_states(self, seg: Segment, w: Work) -> dict[str, dict[str, list[torch.Tensor]]]:

@@ -113,3 +113,20 @@ class Work:
         self.next_g: list[torch.Tensor] | None = None
         # per-tensor sums of the next barrier's reduce, accumulated slice by slice
         self.partials: list[Any] = []
+
+
+#: stages whose transforms keep running while the optimizer accumulates (they own the moments)
+ACCUMULATING_STAGES = ("gradient", "hyper", "moment", "any")
+
+
+def accumulation_transforms(transforms: tuple[Transform, ...]) -> tuple[Transform, ...]:
+    """The prefix of a chain that runs under optimizer accumulation (optimi's
+    ``optimizer_accumulation``): the gradient stage and the moments, up to the first transform of a
+    later stage. Normalization, masks, scales, decay and the terminal are skipped: parameters and
+    the terminal's own state (Kahan compensation) stay untouched."""
+    keep: list[Transform] = []
+    for t in transforms:
+        if t.stage not in ACCUMULATING_STAGES:
+            break
+        keep.append(t)
+    return tuple(keep)
