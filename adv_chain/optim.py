@@ -7,16 +7,28 @@ training script switches with one changed import.
 >>> print(opt.chain.names)
 ('adam', 'eps_divide', 'weight_decay', 'apply')
 
-Implementation-choice keywords of torch (``foreach``, ``fused``, ``capturable``) are accepted and do
-not change the math: adv_chain picks its own kernels (``compile=True`` for fused ones).
-``differentiable=True`` is not supported and says so.
+Implementation-choice keywords of torch (``foreach``, ``fused``, ``capturable``) and optimi
+(``triton``) are accepted and do not change the math: adv_chain picks its own kernels (``compile=True``
+for fused ones). ``differentiable=True`` is not supported and says so.
+
+``SGD``, ``Adam``, ``AdamW`` and ``Lion`` also take torch-optimi's keywords where they do not clash
+with the torch ones: ``kahan_sum`` (``None``: on for bf16/fp16 parameters, as optimi; the default
+stays ``False``, torch's behaviour), ``decouple_lr`` and ``max_lr`` (fully decoupled weight decay,
+``p *= 1 - wd * lr / max_lr``), ``decouple_wd`` (SGD, Adam), and ``gradient_release=True`` (the
+optimizer registers :func:`adv_chain.enable_gradient_release` hooks on its parameters; optimi needs a
+separate ``prepare_for_gradient_release`` call). optimi's own defaults (``betas=(0.9, 0.99)``,
+``eps=1e-6``) are not adopted: the defaults are torch's.
 """
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+import torch
+
 from . import presets
+from ._core import checks
 from ._core.optimizer import ChainOptimizer
+from ._core.release import enable_gradient_release
 
 
 def _implementation_flags(owner: str, *, differentiable: bool = False, **_accepted: Any) -> None:
@@ -25,11 +37,32 @@ def _implementation_flags(owner: str, *, differentiable: bool = False, **_accept
                                   "is not supported by adv_chain")
 
 
+def _optimi_max_lr(owner: str, lr: float, decouple_lr: bool, max_lr: float | None) -> float | None:
+    """optimi's fully decoupled weight decay: ``decouple_lr=True`` decays by ``wd * lr / max_lr``
+    (``max_lr`` defaults to the constructor's ``lr``); ``None`` means lr-coupled decay."""
+    if not checks.flag(owner, "decouple_lr", decouple_lr):
+        return None
+    return checks.positive(owner, "max_lr", lr if max_lr is None else max_lr)
+
+
+def _optimi_kahan(owner: str, params: Iterable[Any], kahan_sum: bool | None) -> tuple[list[Any], bool]:
+    """optimi's ``kahan_sum=None``: on when any parameter is bf16 or fp16."""
+    params = list(params)
+    if kahan_sum is not None:
+        return params, checks.flag(owner, "kahan_sum", kahan_sum)
+    tensors = [t for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
+    tensors = [t for item in tensors for t in ([item] if isinstance(item, torch.Tensor) else item)]
+    return params, any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
+
+
 class _DropIn(ChainOptimizer):
     def __init__(self, params: Iterable[Any], chain: Any, lr: float, compile: "bool | Mapping[str, Any]",
-                 state_dtype: str, maximize: bool = False) -> None:
+                 state_dtype: str, maximize: bool = False, gradient_release: bool = False) -> None:
         self._maximize = maximize
         super().__init__(params, chain, lr=lr, compile=compile, state_dtype=state_dtype)
+        if checks.flag(type(self).__name__, "gradient_release", gradient_release):
+            # optimi's keyword: step each parameter inside backward (ac.enable_gradient_release)
+            enable_gradient_release(self, [p for group in self.param_groups for p in group["params"]])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # torch reads `maximize` per group; a chain fixes it when it is built, so refuse a group that
@@ -48,11 +81,16 @@ class SGD(_DropIn):
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32",
-                 stochastic_rounding: bool = False, kahan_sum: bool = False) -> None:
-        _implementation_flags("SGD", differentiable=differentiable, foreach=foreach, fused=fused)
+                 stochastic_rounding: bool = False, kahan_sum: bool | None = False, decouple_wd: bool = False,
+                 decouple_lr: bool = False, max_lr: float | None = None, gradient_release: bool = False,
+                 triton: bool | None = None, torch_init: bool = False) -> None:
+        _implementation_flags("SGD", differentiable=differentiable, foreach=foreach, fused=fused, triton=triton)
+        params, kahan = _optimi_kahan("SGD", params, kahan_sum)
+        max_lr = _optimi_max_lr("SGD", lr, decouple_lr, max_lr)
         chain = presets.sgd(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                            maximize=maximize, stochastic_rounding=stochastic_rounding, kahan_sum=kahan_sum)
-        super().__init__(params, chain, lr, compile, state_dtype, maximize)
+                            maximize=maximize, stochastic_rounding=stochastic_rounding, kahan_sum=kahan,
+                            decouple_wd=decouple_wd, max_lr=max_lr)
+        super().__init__(params, chain, lr, compile, state_dtype, maximize, gradient_release)
 
 
 class Adam(_DropIn):
@@ -63,13 +101,19 @@ class Adam(_DropIn):
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
                  compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32",
-                 stochastic_rounding: bool = False, kahan_sum: bool = False) -> None:
+                 stochastic_rounding: bool = False, kahan_sum: bool | None = False, decouple_wd: bool = False,
+                 decouple_lr: bool = False, max_lr: float | None = None, gradient_release: bool = False,
+                 triton: bool | None = None) -> None:
         _implementation_flags("Adam", differentiable=differentiable, foreach=foreach, capturable=capturable,
-                              fused=fused)
+                              fused=fused, triton=triton)
+        params, kahan = _optimi_kahan("Adam", params, kahan_sum)
+        max_lr = _optimi_max_lr("Adam", lr, decouple_lr, max_lr)
+        decoupled = checks.flag("Adam", "decoupled_weight_decay", decoupled_weight_decay)
         chain = presets.adam(betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                             decoupled_weight_decay=decoupled_weight_decay,
-                             stochastic_rounding=stochastic_rounding, kahan_sum=kahan_sum)
-        super().__init__(params, chain, lr, compile, state_dtype, maximize)
+                             decoupled_weight_decay=decoupled or checks.flag("Adam", "decouple_wd", decouple_wd)
+                             or max_lr is not None, stochastic_rounding=stochastic_rounding, kahan_sum=kahan,
+                             max_lr=max_lr)
+        super().__init__(params, chain, lr, compile, state_dtype, maximize, gradient_release)
 
 
 class AdamW(_DropIn):
@@ -79,12 +123,15 @@ class AdamW(_DropIn):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32",
-                 stochastic_rounding: bool = False, kahan_sum: bool = False) -> None:
+                 stochastic_rounding: bool = False, kahan_sum: bool | None = False, decouple_lr: bool = False,
+                 max_lr: float | None = None, gradient_release: bool = False, triton: bool | None = None) -> None:
         _implementation_flags("AdamW", differentiable=differentiable, foreach=foreach, capturable=capturable,
-                              fused=fused)
+                              fused=fused, triton=triton)
+        params, kahan = _optimi_kahan("AdamW", params, kahan_sum)
         chain = presets.adamw(betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                              stochastic_rounding=stochastic_rounding, kahan_sum=kahan_sum)
-        super().__init__(params, chain, lr, compile, state_dtype, maximize)
+                              stochastic_rounding=stochastic_rounding, kahan_sum=kahan,
+                              max_lr=_optimi_max_lr("AdamW", lr, decouple_lr, max_lr))
+        super().__init__(params, chain, lr, compile, state_dtype, maximize, gradient_release)
 
 
 class Lion(_DropIn):
@@ -95,10 +142,15 @@ class Lion(_DropIn):
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, use_triton: bool = False, decoupled_weight_decay: bool = False, *,
                  compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32",
-                 stochastic_rounding: bool = False, kahan_sum: bool = False) -> None:
-        chain = presets.lion(betas=betas, weight_decay=weight_decay, max_lr=lr if decoupled_weight_decay else None,
-                             stochastic_rounding=stochastic_rounding, kahan_sum=kahan_sum)
-        super().__init__(params, chain, lr, compile, state_dtype)
+                 stochastic_rounding: bool = False, kahan_sum: bool | None = False, decouple_lr: bool = False,
+                 max_lr: float | None = None, gradient_release: bool = False, foreach: bool | None = None,
+                 triton: bool | None = None) -> None:
+        params, kahan = _optimi_kahan("Lion", params, kahan_sum)
+        max_lr = _optimi_max_lr("Lion", lr, decouple_lr or checks.flag("Lion", "decoupled_weight_decay",
+                                                                       decoupled_weight_decay), max_lr)
+        chain = presets.lion(betas=betas, weight_decay=weight_decay, max_lr=max_lr,
+                             stochastic_rounding=stochastic_rounding, kahan_sum=kahan)
+        super().__init__(params, chain, lr, compile, state_dtype, gradient_release=gradient_release)
 
 
 class AdamW_adv(_DropIn):  # noqa: N801 - the reference's class name

@@ -33,13 +33,19 @@ def _maximize(maximize: bool) -> tuple[Transform, ...]:
 
 @register
 def sgd(momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-        maximize: bool = False, stochastic_rounding: bool = False, kahan_sum: bool = False) -> Chain:
+        maximize: bool = False, stochastic_rounding: bool = False, kahan_sum: bool = False,
+        decouple_wd: bool = False, max_lr: float | None = None) -> Chain:
     """SGD with momentum, dampening, Nesterov and coupled weight decay, as ``torch.optim.SGD``.
+    ``decouple_wd=True`` decays the weights directly (``p *= 1 - lr * wd``, optimi's ``decouple_wd``);
+    ``max_lr`` makes that fully decoupled (``p *= 1 - wd * lr / max_lr``, optimi's ``decouple_lr``).
 
     >>> import adv_chain as ac
     >>> ac.presets.sgd(momentum=0.9, nesterov=True).names
     ('add_l2', 'momentum', 'apply')
     """
+    if checks.flag("sgd", "decouple_wd", decouple_wd) or max_lr is not None:
+        return chain(*_maximize(maximize), T.momentum(momentum, dampening=dampening, nesterov=nesterov),
+                     T.weight_decay(weight_decay, max_lr=max_lr), terminal(stochastic_rounding, kahan_sum))
     return chain(*_maximize(maximize), T.add_l2(weight_decay),
                  T.momentum(momentum, dampening=dampening, nesterov=nesterov),
                  terminal(stochastic_rounding, kahan_sum))
@@ -48,9 +54,9 @@ def sgd(momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0
 @register
 def adam(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
          amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False,
-         stochastic_rounding: bool = False, kahan_sum: bool = False) -> Chain:
+         stochastic_rounding: bool = False, kahan_sum: bool = False, max_lr: float | None = None) -> Chain:
     """Adam with coupled (L2) weight decay, as ``torch.optim.Adam``; ``decoupled_weight_decay=True``
-    makes it AdamW, as torch does.
+    makes it AdamW, as torch does (``max_lr`` then makes the decay fully decoupled, see :func:`adamw`).
 
     >>> import adv_chain as ac
     >>> ac.presets.adam(weight_decay=1e-4).names
@@ -58,7 +64,10 @@ def adam(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_de
     """
     if checks.flag("adam", "decoupled_weight_decay", decoupled_weight_decay):
         return adamw(betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                     stochastic_rounding=stochastic_rounding, kahan_sum=kahan_sum)
+                     stochastic_rounding=stochastic_rounding, kahan_sum=kahan_sum, max_lr=max_lr)
+    if max_lr is not None:
+        raise ValueError(f"adam: max_lr={max_lr!r} applies to decoupled weight decay only; "
+                         "set decoupled_weight_decay=True (optimi: decouple_wd=True) or leave max_lr=None")
     return chain(*_maximize(maximize), T.add_l2(weight_decay), T.scale_by_adam(betas=betas, amsgrad=amsgrad),
                  T.eps_divide(eps), terminal(stochastic_rounding, kahan_sum))
 
@@ -66,15 +75,16 @@ def adam(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_de
 @register
 def adamw(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
           amsgrad: bool = False, maximize: bool = False, stochastic_rounding: bool = False,
-          kahan_sum: bool = False) -> Chain:
-    """AdamW (Loshchilov & Hutter, arXiv 1711.05101), as ``torch.optim.AdamW``.
+          kahan_sum: bool = False, max_lr: float | None = None) -> Chain:
+    """AdamW (Loshchilov & Hutter, arXiv 1711.05101), as ``torch.optim.AdamW``; ``max_lr`` makes the
+    weight decay fully decoupled, ``p *= 1 - wd * lr / max_lr`` (optimi's ``decouple_lr``).
 
     >>> import adv_chain as ac
     >>> ac.presets.adamw().names
     ('adam', 'eps_divide', 'weight_decay', 'apply')
     """
     return chain(*_maximize(maximize), T.scale_by_adam(betas=betas, amsgrad=amsgrad), T.eps_divide(eps),
-                 T.weight_decay(weight_decay), terminal(stochastic_rounding, kahan_sum))
+                 T.weight_decay(weight_decay, max_lr=max_lr), terminal(stochastic_rounding, kahan_sum))
 
 
 @register
