@@ -41,19 +41,46 @@ def test_release_matches_step_over_20_steps(name):
     assert opt_a.state_dict()["state"][0]["step"] == opt_b.state_dict()["state"][0]["step"] == 20
 
 
-def test_global_reductions_are_refused_in_release_mode_and_disable_restores_step():
-    model = _model()
-    opt = ac.ChainOptimizer(model.parameters(), ac.presets.adamw().insert_before("adam", ac.clip_by_global_norm(1.0)),
-                            lr=1e-2)
-    ac.enable_gradient_release(opt, model)
-    x, y = _batches(1)[0]
-    with pytest.raises(ValueError, match="clip_by_global_norm.*step\\(\\)"):
-        torch.nn.functional.mse_loss(model(x), y).backward()
+def test_global_clipping_is_one_step_lagged_in_release_mode():
+    """Oracle: plain SGD by hand, scaled by min(1, max_norm / ||g_{t-1}||) from step 2 on (step 1's
+    gradients are too small to clip, whatever the order the parameters arrive in)."""
+    released, oracle = _model(), _model()
+    chain = ac.chain(ac.clip_by_global_norm(0.5), ac.apply())
+    opt = ac.ChainOptimizer(released.parameters(), chain, lr=0.05)
+    ac.enable_gradient_release(opt, released)
+    previous_norm = None
+    for t, (x, y) in enumerate(_batches(6)):
+        scale = 1e-3 if t == 0 else 1.0
+        (scale * torch.nn.functional.mse_loss(released(x), y)).backward()
+        oracle.zero_grad()
+        (scale * torch.nn.functional.mse_loss(oracle(x), y)).backward()
+        grads = [p.grad for p in oracle.parameters()]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        coef = 1.0 if previous_norm is None else min(1.0, 0.5 / (previous_norm + 1e-6))
+        with torch.no_grad():
+            for p, g in zip(oracle.parameters(), grads):
+                p -= 0.05 * coef * g
+        if t > 1:
+            assert coef < 1.0  # clipped by the previous step's norm (step 2 follows the tiny step 1)
+        previous_norm = norm.item()
+        for a, b in zip(released.parameters(), oracle.parameters()):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     ac.disable_gradient_release(opt)
     opt.zero_grad()
-    torch.nn.functional.mse_loss(model(x), y).backward()
-    opt.step()
+    torch.nn.functional.mse_loss(released(x), y).backward()
+    opt.step()  # back to exact, same-step clipping
     assert opt.supports_fused_back_pass()
+
+
+def test_layer_statistics_of_kourkoutas_run_lagged_in_release_mode():
+    model = _model()
+    opt = ac.optim.AdamW_adv(model.parameters(), lr=1e-2, kourkoutas_beta=True, stochastic_rounding=False)
+    ac.enable_gradient_release(opt, model)
+    for x, y in _batches(5):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt._lag_rounds and all(len(r.current) == len(list(model.parameters())) for r in opt._lag_rounds.values())
+    ac.disable_gradient_release(opt)
 
 
 def test_enable_needs_a_chain_optimizer():

@@ -10,7 +10,7 @@ from .bucket import Bucket
 from .chain import Chain
 from .compile import ScalarCache, layout_and_tensors, make_kernel, noise_key_tensors, tensor_scalars
 from .numerics import noise_key
-from .barrier import run_barrier
+from .barrier import run_barrier, run_barrier_lagged
 from .plan import Segment, Work, accumulation_transforms, build_plan, flat_view, segment_body
 from .state import STATE_DTYPES, allocate_state, match_checkpoint, restore_saved_state, state_specs
 from .transform import HostView, StateSpec, Transform
@@ -258,26 +258,20 @@ class ChainOptimizer(torch.optim.Optimizer):
         """Run the chain on one parameter now (its gradient must be ready): the entry point of
         gradient release / fused backward (``ac.enable_gradient_release``). Elementwise and
         per-tensor chains give exactly the numbers of :meth:`step`. Transforms that reduce over many
-        parameters (``clip_by_global_norm``, layer-scope ones) need every gradient first and are
-        refused here."""
-        barriers = [seg.barrier for seg in self._plan if seg.barrier is not None
-                    and not (seg.barrier.scope == "layer" and type(seg.barrier).layer_key is Transform.layer_key)]
-        if barriers:
-            names = ", ".join(repr(t.name) for t in barriers)
-            raise ValueError(f"step_parameter: {names} reduce over many parameters and cannot run one parameter at a "
-                             "time; use step() (or drop it from the chain) with gradient release")
+        parameters (``clip_by_global_norm``, ``kourkoutas_beta``) work one step lagged here: each
+        parameter uses the result of the last complete round of per-parameter steps."""
         gi = next((k for k, g in enumerate(self.param_groups) if g is group), None)
         if gi is None:
             raise ValueError("step_parameter: `group` is not one of this optimizer's param_groups")
         with torch.no_grad():
             works = self._collect(only=(p, gi))
             if works:
-                self._run(works)
+                self._run(works, lagged=True)
 
-    def _run(self, works: list[Work]) -> None:
+    def _run(self, works: list[Work], lagged: bool = False) -> None:
         for si, seg in enumerate(self._plan):
             if seg.barrier is not None:
-                run_barrier(self, seg.barrier, works)
+                (run_barrier_lagged if lagged else run_barrier)(self, seg.barrier, works)
             for w in works:
                 if seg.whole:
                     self._run_whole(si, seg, w)
