@@ -28,6 +28,10 @@ class KourkoutasBeta(Transform):
     identical across a layer, so checkpoints never alias. Adam keeps its static bias correction
     ``1 - beta2_max^t`` (adv_optm's choice). Fed by ``group["beta2_min"]``.
 
+    Under gradient release (per-parameter steps) ``layer_key="tensor"`` stays exact; shape buckets
+    need every tensor of the bucket first, so they use the previous round's layer statistics (one
+    step lagged, on top of ``lag=True``'s own lag).
+
     >>> import adv_chain as ac
     >>> ac.chain(ac.kourkoutas_beta(beta2_min=0.88), ac.scale_by_adam(), ac.eps_divide(), ac.apply()).names
     ('kourkoutas', 'adam', 'eps_divide', 'apply')
