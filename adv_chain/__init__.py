@@ -9,8 +9,8 @@ from ._core.optimizer import ChainOptimizer
 from .ablation import ablate
 from ._core.release import disable_gradient_release, enable_gradient_release
 from ._core.transform import HParam, StateSpec, Transform
-from .transforms import (add_l2, ademamix, apply, atan2_scale, cautious, cautious_wd, clip_by_global_norm, clip_by_value,
-                         eps_divide, grams, kahan_apply, kourkoutas_beta, momentum, negate, orthograd, scale_by_adam, scale_by_adopt, scale_by_lion,
+from .transforms import (add_l2, ademamix, apply, atan2_scale, cautious, cautious_wd, centered_wd, clip_by_global_norm,
+                         clip_by_value, eps_divide, fisher_wd, grams, kahan_apply, kourkoutas_beta, momentum, negate, orthograd, scale_by_adam, scale_by_adopt, scale_by_lion,
                          sign, simplified_accumulator, stochastic_round_apply, weight_decay)
 
 __version__ = "0.1.0"
@@ -21,4 +21,5 @@ __all__ = [
     "add_l2", "apply", "clip_by_global_norm", "clip_by_value", "eps_divide", "kahan_apply", "momentum", "negate",
     "scale_by_adam", "scale_by_lion", "sign", "stochastic_round_apply", "weight_decay",
     "orthograd", "cautious", "grams", "ademamix", "simplified_accumulator", "atan2_scale", "cautious_wd", "scale_by_adopt", "kourkoutas_beta",
+    "centered_wd", "fisher_wd",
 ]

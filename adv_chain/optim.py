@@ -73,6 +73,27 @@ class _DropIn(ChainOptimizer):
                              "use one optimizer per direction")
         super().add_param_group(param_group)
 
+    def _centered_anchors(self, centered_wd: float) -> None:
+        """adv_optm's centered weight decay: refuse parameters tagged for LoRA/OFT (the reference
+        skips them; adv_chain has no tag mechanism yet), then create every anchor now, at
+        construction, as the reference does (the anchor is the weights at state creation)."""
+        if not centered_wd:
+            return
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                for tag in _CENTERED_SKIP_TAGS:
+                    if getattr(p, tag, False):
+                        raise NotImplementedError(
+                            f"{type(self).__name__}: centered_wd={centered_wd!r} with a parameter tagged {tag} (param "
+                            f"group {gi}, shape {tuple(p.shape)}) is not supported yet: adv_optm exempts such "
+                            "parameters from centered weight decay and adv_chain has no parameter tags yet; use "
+                            "centered_wd=0 or a separate optimizer for them")
+        self.init_state()
+
+
+#: parameter tags adv_optm exempts from centered weight decay (adv_optm_spec.md §7.3, §7.7)
+_CENTERED_SKIP_TAGS = ("_is_lora_A", "_is_lora_B", "_is_oft")
+
 
 class SGD(_DropIn):
     """``torch.optim.SGD`` as a chain (preset ``sgd``); same keywords and defaults."""
@@ -183,6 +204,7 @@ class AdamW_adv(_DropIn):  # noqa: N801 - the reference's class name
             nnmf_factor=nnmf_factor, vector_reshape=vector_reshape, cautious_mask=cautious_mask,
             grams_moment=grams_moment, use_AdEMAMix=use_AdEMAMix, beta3_ema=beta3_ema, alpha=alpha, seed=seed)
         super().__init__(params, chain, lr, compile or compiled_optimizer, state_dtype)
+        self._centered_anchors(centered_wd)
 
 
 class Lion_adv(_DropIn):  # noqa: N801 - the reference's class name
@@ -204,6 +226,7 @@ class Lion_adv(_DropIn):  # noqa: N801 - the reference's class name
             spectral_normalization=spectral_normalization, nnmf_factor=nnmf_factor, vector_reshape=vector_reshape,
             cautious_mask=cautious_mask, clip_threshold=clip_threshold, seed=seed)
         super().__init__(params, chain, lr, compile or compiled_optimizer, state_dtype)
+        self._centered_anchors(centered_wd)
 
 
 def _default_clip_lambda(step: int) -> float:
@@ -251,6 +274,7 @@ class Adopt_adv(_DropIn):  # noqa: N801 - the reference's class name
             cautious_mask=cautious_mask, grams_moment=grams_moment, use_AdEMAMix=use_AdEMAMix, beta3_ema=beta3_ema,
             alpha=alpha, Simplified_AdEMAMix=Simplified_AdEMAMix, alpha_grad=alpha_grad, seed=seed)
         super().__init__(params, chain, lr, compile or compiled_optimizer, state_dtype)
+        self._centered_anchors(centered_wd)
 
 
 class Simplified_AdEMAMix(_DropIn):  # noqa: N801 - the reference's class name

@@ -37,6 +37,13 @@ CASES_2_5_16 = [
     {"kourkoutas_beta": True},
     {"kourkoutas_beta": True, "k_warmup_steps": 10, "beta2_min": 0.8, "ema_alpha": 0.9},
     {"kourkoutas_beta": True, "orthogonal_gradient": "flattened", "weight_decay": 0.1},
+    # more cases of these two in tests/test_orthograd_iterative_normed.py
+    {"orthogonal_gradient": "iterative", "weight_decay": 0.1},
+    {"normed_momentum": True, "use_atan2": True},
+    # more cases of these in tests/test_decay_family.py
+    {"centered_wd": 1.0, "centered_wd_mode": "int4", "cautious_wd": True, "weight_decay": 0.1},
+    {"fisher_wd": True, "weight_decay": 0.5, "centered_wd": 1.0, "centered_wd_mode": "int8"},
+    {"fisher_wd": True, "use_atan2": True, "weight_decay": 0.5},
 ]
 
 
@@ -113,8 +120,7 @@ def test_preset_lookup_ignores_case_and_aliases_exist():
 
 
 @pytest.mark.parametrize("flag", [{"layer_key_fn": lambda p: 0}, {"nnmf_factor": True}, {"state_precision": "bf16_sr"},
-                                  {"fisher_wd": True}, {"normed_momentum": True}, {"centered_wd": 0.1},
-                                  {"orthogonal_gradient": "iterative"}, {"spectral_normalization": True}])
+                                  {"spectral_normalization": True}])
 def test_features_not_yet_in_adv_chain_are_refused_by_name(flag):
     (name, value), = flag.items()
     with pytest.raises(NotImplementedError, match=name):
@@ -127,7 +133,7 @@ def test_legacy_bool_orthogonal_gradient_works():
 
 
 LION_CASES = [{}, {"weight_decay": 0.1}, {"cautious_wd": True, "weight_decay": 0.1},
-              {"orthogonal_gradient": "flattened"}, {"betas": (0.8, 0.95)}]
+              {"orthogonal_gradient": "flattened"}, {"orthogonal_gradient": "iterative"}, {"betas": (0.8, 0.95)}]
 
 
 @pytest.mark.parametrize("kwargs", LION_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults")

@@ -33,16 +33,22 @@ MAIN_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "adamw_adv": [dict(weight_decay=0.1, cautious_wd=True, use_atan2=True, orthogonal_gradient="flattened"),
                   dict(weight_decay=0.01, cautious_mask=True, use_AdEMAMix=True, beta3_ema=0.999, alpha=2.0),
                   dict(grams_moment=True, use_bias_correction=False),
-                  dict(kourkoutas_beta=True, k_warmup_steps=5, beta2_min=0.85, weight_decay=0.01)],
+                  dict(kourkoutas_beta=True, k_warmup_steps=5, beta2_min=0.85, weight_decay=0.01),
+                  dict(orthogonal_gradient="iterative", normed_momentum=True, use_atan2=True, weight_decay=0.01),
+                  dict(normed_momentum=True, nesterov=True, cautious_mask=True),
+                  dict(weight_decay=0.1, cautious_wd=True, fisher_wd=True, centered_wd=0.5, centered_wd_mode="int4"),
+                  dict(fisher_wd=True, use_atan2=True, weight_decay=0.1, centered_wd=0.5, centered_wd_mode="float8")],
     "lion": [dict(weight_decay=0.1, betas=(0.95, 0.98)),
              dict(weight_decay=0.1, max_lr=1e-3)],
     "signum": [dict(momentum=0.95, weight_decay=0.1)],
     "adopt_adv": [dict(weight_decay=0.1, cautious_wd=True, orthogonal_gradient="flattened"),
-                  dict(use_atan2=True, grams_moment=True)],
+                  dict(use_atan2=True, grams_moment=True, orthogonal_gradient="iterative"),
+                  dict(weight_decay=0.1, cautious_wd=True, centered_wd=0.5, centered_wd_mode="int8")],
     "simplified_ademamix": [dict(weight_decay=0.1, beta1_warmup=5, alpha_grad=10.0),
                             dict(cautious_wd=True, weight_decay=0.1, betas=(0.9, 0.99))],
     "lion_adv": [dict(weight_decay=0.1, cautious_wd=True, orthogonal_gradient="flattened"),
-                 dict(cautious_mask=True, betas=(0.95, 0.98))],
+                 dict(cautious_mask=True, betas=(0.95, 0.98), orthogonal_gradient="iterative"),
+                 dict(weight_decay=0.1, centered_wd=0.5, centered_wd_mode="full")],
 }
 #: terminal keywords; a preset gets the ones it accepts (plain round-to-nearest is also how a preset
 #: without a stochastic_rounding keyword writes, so "nearest" then builds its default)
@@ -135,13 +141,22 @@ def state_tensors(opt: torch.optim.Optimizer) -> dict[tuple[int, str], torch.Ten
     return {(index[p], k): v for p, st in opt.state.items() for k, v in st.items() if "/" in k}
 
 
+#: centered_wd's anchor dtype by ``centered_wd_mode`` (``None``: the parameter's dtype)
+ANCHOR_DTYPES = {"float8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.int8, "full": None}
+
+
 def assert_state_dtypes(opt: ac.ChainOptimizer) -> None:
-    """Moments are fp32 whatever the param dtype; the one documented exception is kahan_apply's
-    compensation buffer ``apply/kahan_comp``, which is in the parameter dtype."""
+    """Moments are fp32 whatever the param dtype; the documented exceptions are kahan_apply's
+    compensation buffer ``apply/kahan_comp``, which is in the parameter dtype, and centered_wd's
+    ``anchor`` (float8 / int8 / the parameter dtype by anchor mode; its block scales are fp32)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     tensors = state_tensors(opt)
+    anchor_modes = {t.name: t.args["anchor"] for t in opt.chain if t.type_name == "centered_wd"}
     for (i, key), v in tensors.items():
         expected = params[i].dtype if key.endswith("/kahan_comp") else torch.float32
+        tname, _, sub = key.partition("/")
+        if tname in anchor_modes and sub == "anchor":
+            expected = ANCHOR_DTYPES[anchor_modes[tname]] or params[i].dtype
         assert v.dtype == expected, f"state {key!r} of param {i} is {v.dtype}, expected {expected}"
 
 

@@ -1,8 +1,9 @@
-"""Research transforms against independent oracles: orthograd, cautious, grams, atan2_scale,
-ademamix, simplified_accumulator.
+"""Research transforms against independent oracles: orthograd (flattened and iterative), cautious,
+grams, atan2_scale, ademamix, simplified_accumulator, scale_by_adam's normed momentum, fisher_wd,
+centered_wd.
 
-The oracle below is written from the formulas (papers and adv_optm_spec.md §3.1, §5.1, §9.1-9.4,
-§10.2), per tensor, in plain torch: elementwise math in fp32, per-tensor reductions (dot products,
+The oracle below is written from the formulas (papers and adv_optm_spec.md §3.1, §4.2, §5.1, §7.3, §7.4,
+§9.1-9.4, §10.2), per tensor, in plain torch: elementwise math in fp32, per-tensor reductions (dot products,
 norms, mask counts) in fp64. It shares no code with adv_chain.
 
 * Trajectories: 10 steps of a chain against the oracle on a 1-D tensor, a small 2-D tensor and a
@@ -62,16 +63,54 @@ def oracle_orthograd(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return out.float().view_as(g)
 
 
+def oracle_orthograd_iterative(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """adv_optm's iterative OrthoGrad (spec §3.1) in fp64 on the matrix view (rows x rest); vectors
+    take the flattened formula. Reduced dimension ``d``: 0 gives per-column values, 1 per-row."""
+    if w.dim() < 2:
+        return oracle_orthograd(w, g)
+    W, G = w.reshape(w.shape[0], -1).double(), g.reshape(g.shape[0], -1).double()
+    order = (0, 1) if G.shape[0] > G.shape[1] else (1, 0)
+    P = {d: (W * W).sum(d, keepdim=True) + 1e-30 for d in order}
+    lb = {d: G.shape[d] ** -0.5 for d in order}
+    T = {d: G.norm(dim=d, keepdim=True).clamp(min=lb[d]) for d in order}
+    for _ in range(3):
+        for d in order:
+            G = G - 1.01 * ((W * G).sum(d, keepdim=True) / P[d]) * W
+            G = G * T[d] / G.norm(dim=d, keepdim=True).clamp(min=lb[d])
+    return G.float().view_as(g)
+
+
 @dataclass
 class Spec:
     """What the chain does, for the oracle."""
     orthograd: bool = False
+    ortho_mode: str = "flattened"                 # or "iterative"
+    normed: bool = False                          # scale_by_adam(normed_momentum=...): normalize before m
     betas: tuple[float, float] = (0.9, 0.999)
     ademamix: dict[str, Any] | None = None        # beta3, alpha, alpha_warmup, beta3_warmup, beta_start
     simplified: tuple[float, float] | None = None  # (beta1, alpha_grad); adam then runs with beta1 = 0
-    normalize: tuple = ("eps", 1e-8)              # ("eps", eps) or ("atan2", a, b)
+    normalize: tuple = ("eps", 1e-8)              # ("eps", eps) or ("atan2", a, b); normed: how x = g/D is made
     mask: tuple | None = None                     # ("cautious", rescale) or ("grams",)
     wd: float = 0.0
+    fisher: bool = False                          # fisher_wd before the normalizer (§7.4)
+    centered: tuple[float, str] | None = None     # centered_wd (strength, anchor mode) after the decay (§7.3)
+
+
+def oracle_anchor(w0: torch.Tensor, mode: str) -> torch.Tensor:
+    """The anchor centered_wd decays toward, as §7.3 stores it, dequantized to fp32."""
+    if mode == "full":
+        return w0.clone()
+    if mode == "float8":
+        return w0.to(torch.float8_e4m3fn).float()
+    block, q_min, q_max = {"int8": (128, -128, 127), "int4": (32, -8, 7)}[mode]
+    flat = w0.reshape(-1)
+    n = flat.numel()
+    padded = torch.cat((flat, flat[-1].repeat((-n) % block))).view(-1, block)
+    lo, hi = padded.min(dim=1, keepdim=True).values, padded.max(dim=1, keepdim=True).values
+    scale = (hi - lo) / (q_max - q_min)
+    scale[scale == 0] = 1.0
+    q = torch.clamp(torch.round((padded - lo) / scale + q_min), q_min, q_max)
+    return ((q - q_min) * scale + lo).reshape(-1)[:n].view_as(w0)
 
 
 @dataclass
@@ -79,20 +118,38 @@ class Oracle:
     spec: Spec
     lr: float
     state: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    anchors: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def step(self, i: int, w: torch.Tensor, g: torch.Tensor, t: int) -> torch.Tensor:
         """One step for tensor i: w (fp32 param before the step), g (fp32 grad) -> fp32 param after."""
         s, sp = self.state[i], self.spec
+        if sp.centered is not None and i not in self.anchors:  # the weights at state creation
+            self.anchors[i] = oracle_anchor(w, sp.centered[1])
         if sp.orthograd:
-            g = oracle_orthograd(w, g)
+            g = (oracle_orthograd_iterative if sp.ortho_mode == "iterative" else oracle_orthograd)(w, g)
         b1, b2 = sp.betas
         v = s.setdefault("adam/exp_avg_sq", torch.zeros_like(g))
         v.mul_(b2).add_((1 - b2) * g * g)
-        if sp.simplified is None:
+        if sp.normed:
+            # spec §4.2: x = g / (D + eps) or atan2(g, D) with the current D; m = EMA(m, x); u = A m / bc1
+            assert sp.simplified is None and sp.normalize[0] == "atan2" and sp.normalize[1:] == (4 / math.pi, 1.0) \
+                or sp.normalize[0] == "eps"
+            denom = v.sqrt() / math.sqrt(1 - b2 ** t)
+            x = torch.atan2(g, denom) if sp.normalize[0] == "atan2" else g / (denom + sp.normalize[1])
+            m = s.setdefault("adam/exp_avg", torch.zeros_like(g))
+            m.mul_(b1).add_((1 - b1) * x)
+            u = (4 / math.pi if sp.normalize[0] == "atan2" else 1.0) * m / (1 - b1 ** t)
+        elif sp.simplified is None:
             m = s.setdefault("adam/exp_avg", torch.zeros_like(g))
             m.mul_(b1).add_((1 - b1) * g)
             u = m / (1 - b1 ** t)
             denom = v.sqrt() / math.sqrt(1 - b2 ** t)
+        wd_scale = 1.0  # fisher_wd (§7.4) from this step's denominator
+        if sp.fisher and sp.normalize[0] == "eps":
+            wd_scale = 1.0 / (denom + sp.normalize[1])
+            wd_scale = wd_scale / max((w.double() * wd_scale.double()).square().mean().sqrt().item(), 1.0)
+        elif sp.fisher:
+            wd_scale = 4 / math.pi * torch.atan2(torch.ones_like(denom), denom)
         if sp.ademamix is not None:
             a = sp.ademamix
             b3 = beta3_at(t, a["beta3"], a.get("beta3_warmup"), a.get("beta_start", 0.9))
@@ -108,6 +165,8 @@ class Oracle:
             acc.mul_(beta1).add_(g)
             s2 = 1 - b2 ** t
             u = (alpha_grad * g + acc) / (v.sqrt() + sp.normalize[1] * math.sqrt(s2)) * math.sqrt(s2)
+        elif sp.normed:
+            pass  # already normalized before the moment
         elif sp.normalize[0] == "eps":
             u = u / (denom + sp.normalize[1])
         else:
@@ -120,21 +179,35 @@ class Oracle:
             u = u * phi * scale
         elif sp.mask is not None:
             u = u.abs() * torch.sign(g)
-        return w * (1 - self.lr * sp.wd) - self.lr * u
+        if not sp.fisher and sp.centered is None:
+            return w * (1 - self.lr * sp.wd) - self.lr * u
+        w = w - self.lr * sp.wd * wd_scale * w
+        if sp.centered is not None:  # toward the anchor, from the already decayed weights
+            w = w - self.lr * sp.centered[0] * wd_scale * (w - self.anchors[i])
+        return w - self.lr * u
 
 
 def build_chain(sp: Spec, terminal: Any = None) -> ac.Chain:
     """The adv_chain chain that Spec describes (written by hand, in the documented order)."""
     parts: list[Any] = []
     if sp.orthograd:
-        parts.append(ac.orthograd())
+        parts.append(ac.orthograd() if sp.ortho_mode == "flattened" else ac.orthograd(mode=sp.ortho_mode))
     if sp.simplified is not None:
         parts += [ac.scale_by_adam(betas=(0.0, sp.betas[1])), ac.simplified_accumulator(*sp.simplified)]
+    elif sp.normed:
+        mode = sp.normalize[0]
+        parts.append(ac.scale_by_adam(betas=sp.betas, normed_momentum=mode,
+                                      **({"eps": sp.normalize[1]} if mode == "eps" else {})))
     else:
         parts.append(ac.scale_by_adam(betas=sp.betas))
     if sp.ademamix is not None:
         parts.append(ac.ademamix(**sp.ademamix))
-    if sp.normalize[0] == "eps":
+    if sp.fisher:
+        parts.append(ac.fisher_wd(eps=sp.normalize[1] if sp.normalize[0] == "eps" else 1e-8,
+                                  atan2=sp.normalize[0] == "atan2"))
+    if sp.normed:
+        pass  # scale_by_adam normalized already: no normalizer may follow
+    elif sp.normalize[0] == "eps":
         parts.append(ac.eps_divide(sp.normalize[1]))
     else:
         parts.append(ac.atan2_scale(a=sp.normalize[1], b=sp.normalize[2]))
@@ -142,6 +215,8 @@ def build_chain(sp: Spec, terminal: Any = None) -> ac.Chain:
         parts.append(ac.cautious(rescale=sp.mask[1]) if sp.mask[0] == "cautious" else ac.grams())
     if sp.wd:
         parts.append(ac.weight_decay(sp.wd))
+    if sp.centered is not None:
+        parts.append(ac.centered_wd(sp.centered[0], anchor=sp.centered[1]))
     parts.append(terminal if terminal is not None else ac.apply())
     return ac.chain(*parts)
 
@@ -231,7 +306,9 @@ def run_against_oracle(sp: Spec, shapes, dtype=torch.float32, steps=STEPS, lr=LR
             else:
                 assert_rounded_to_nearest(p.detach(), w_oracle[i], f"param, {where}")
             st = opt.state[p]
-            assert set(st) == set(oracle.state[i]) | {"step"}, f"state keys, {where}"
+            anchor_keys = {k for k in st if k.startswith("centered_wd/")}
+            assert bool(anchor_keys) == (sp.centered is not None), f"anchor keys, {where}"
+            assert set(st) - anchor_keys == set(oracle.state[i]) | {"step"}, f"state keys, {where}"
             for key, ref in oracle.state[i].items():
                 assert st[key].dtype == torch.float32, f"{key} dtype, {where}"
                 assert_close(st[key], ref, f"{key}, {where}", atol_rel=tol)
@@ -253,6 +330,13 @@ TRAJECTORY_CASES = {
     "ademamix_both_warmups": Spec(ademamix=dict(ADEMAMIX, alpha_warmup=4, beta3_warmup=8)),
     "simplified_accumulator": Spec(betas=(0.0, 0.95), simplified=(0.99, 100.0)),
     "simplified_accumulator_small": Spec(betas=(0.0, 0.999), simplified=(0.9, 2.0), normalize=("eps", 1e-6)),
+    "orthograd_iterative": Spec(orthograd=True, ortho_mode="iterative"),
+    "normed_eps": Spec(normed=True, normalize=("eps", 1e-6)),
+    "normed_atan2": Spec(normed=True, normalize=("atan2", 4 / math.pi, 1.0), betas=(0.8, 0.99)),
+    "fisher_wd": Spec(fisher=True, wd=0.5),
+    "fisher_wd_atan2": Spec(fisher=True, wd=0.5, normalize=("atan2", 4 / math.pi, 1.0)),
+    "centered_wd_int8": Spec(centered=(0.5, "int8"), wd=0.1),
+    "centered_wd_int4_fisher": Spec(centered=(0.5, "int4"), fisher=True, wd=0.1),
 }
 
 
@@ -268,7 +352,8 @@ def test_trajectory_fp32(name):
 
 
 @pytest.mark.parametrize("name", ["orthograd", "cautious_paper", "cautious_mean", "grams", "atan2_default",
-                                  "ademamix_both_warmups", "simplified_accumulator"])
+                                  "ademamix_both_warmups", "simplified_accumulator", "orthograd_iterative",
+                                  "normed_atan2"])
 def test_trajectory_bf16(name):
     run_against_oracle(TRAJECTORY_CASES[name], SHAPES_BF16, dtype=torch.bfloat16)
 
@@ -568,6 +653,15 @@ COMPILE_CHAINS = {
     "simplified_grams": lambda: ac.chain(
         ac.scale_by_adam(betas=(0.0, 0.99)), ac.simplified_accumulator(0.9, 10.0), ac.eps_divide(1e-8), ac.grams(),
         ac.apply()),
+    "orthograd_iterative_normed_atan2_grams": lambda: ac.chain(
+        ac.orthograd(mode="iterative"), ac.scale_by_adam(normed_momentum="atan2", nesterov=True), ac.grams(),
+        ac.weight_decay(0.1), ac.apply()),
+    "fisher_cautious_wd_centered_int4": lambda: ac.chain(
+        ac.scale_by_adam(), ac.fisher_wd(), ac.eps_divide(1e-8), ac.cautious_wd(0.1),
+        ac.centered_wd(0.5, anchor="int4", cautious=True), ac.apply()),
+    "fisher_atan2_centered_float8": lambda: ac.chain(
+        ac.scale_by_adam(), ac.fisher_wd(atan2=True), ac.atan2_scale(), ac.weight_decay(0.1),
+        ac.centered_wd(0.5, anchor="float8"), ac.apply()),
 }
 
 
@@ -596,21 +690,34 @@ def test_compiled_matches_eager(name):
 # every allowed pair, composed into an AdamW-like chain
 # ---------------------------------------------------------------------------------------------------
 
-FEATURES = ["orthograd", "cautious", "grams", "atan2_scale", "ademamix"]
+FEATURES = ["orthograd", "orthograd_iterative", "cautious", "grams", "atan2_scale", "ademamix", "normed_momentum",
+            "fisher_wd", "centered_wd"]
 PAIRS = list(itertools.combinations(FEATURES, 2))
-ALLOWED = [pair for pair in PAIRS if set(pair) != {"cautious", "grams"}]
+# one mask and one orthograd per chain; normed_momentum + atan2_scale is the normed atan2 mode
+# fisher_wd reads the denominator, which normed momentum does not publish; its wd_scale signal does not
+# cross cautious's per-tensor rescale (a reduction) on the way to the decay (a build error, tested below)
+ALLOWED = [pair for pair in PAIRS if set(pair) not in ({"cautious", "grams"}, {"orthograd", "orthograd_iterative"},
+                                                       {"fisher_wd", "normed_momentum"}, {"cautious", "fisher_wd"})]
 
 
 def pair_spec(pair: tuple[str, ...]) -> Spec:
-    return Spec(orthograd="orthograd" in pair,
+    return Spec(orthograd="orthograd" in pair or "orthograd_iterative" in pair,
+                ortho_mode="iterative" if "orthograd_iterative" in pair else "flattened",
+                normed="normed_momentum" in pair,
                 ademamix=dict(beta3=0.99, alpha=3.0) if "ademamix" in pair else None,
                 normalize=("atan2", 4 / math.pi, 1.0) if "atan2_scale" in pair else ("eps", 1e-8),
                 mask=("cautious", "paper") if "cautious" in pair else ("grams",) if "grams" in pair else None,
-                wd=0.1)
+                wd=0.1, fisher="fisher_wd" in pair, centered=(0.5, "int8") if "centered_wd" in pair else None)
 
 
 def test_pair_list_is_complete():
-    assert len(PAIRS) == 10 and len(ALLOWED) == 9
+    assert len(PAIRS) == 36 and len(ALLOWED) == 32
+
+
+def test_fisher_wd_signal_across_cautious_rescale_is_a_build_error():
+    with pytest.raises(ValueError, match="wd_scale.*fisher_wd.*cautious"):
+        build_chain(pair_spec(("cautious", "fisher_wd")))
+    build_chain(Spec(fisher=True, mask=("cautious", "none"), wd=0.1))  # no rescale: no reduction, fine
 
 
 @pytest.mark.parametrize("pair", ALLOWED, ids=["+".join(p) for p in ALLOWED])
@@ -619,8 +726,8 @@ def test_pair_fp32_matches_oracle(pair):
     chain = build_chain(sp)
     names = chain.names
     # documented order: orthograd first, then adam, ademamix, the normalizer, the mask, decay, apply
-    order = [n for n in ("orthograd", "adam", "ademamix", "eps_divide", "atan2_scale", "cautious", "grams",
-                         "weight_decay", "apply") if n in names]
+    order = [n for n in ("orthograd", "adam", "ademamix", "fisher_wd", "eps_divide", "atan2_scale", "cautious",
+                         "grams", "weight_decay", "centered_wd", "apply") if n in names]
     assert list(names) == order
     opt = run_against_oracle(sp, [(7,), (13, 9), (40, 30)], steps=3)
     for group in opt.param_groups:
@@ -640,7 +747,7 @@ def test_pair_bf16_stochastic_round_runs_finite(pair):
     for p, b in zip(params, before):
         assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
         assert not torch.equal(p.detach(), b), "three steps moved nothing"
-        assert all(v.dtype == torch.float32 for k, v in opt.state[p].items() if k != "step")
+        assert all(v.dtype == torch.float32 for k, v in opt.state[p].items() if k not in ("step", "centered_wd/anchor"))
 
 
 def test_grams_with_cautious_pair_is_rejected():

@@ -170,7 +170,25 @@ def validate(ts: tuple[Transform, ...], *, complete: bool) -> None:
         return
     live: dict[str, Transform] = {}
     optional: set[str] = set()
+    # signals live within one segment: a layer/global transform (a reduction over whole tensors)
+    # starts a new one, and what was published before it does not reach the transforms after it
+    published: dict[str, Transform] = {}
+    lost: dict[str, tuple[Transform, Transform]] = {}
+    crossing: str | None = None
     for t in ts:
+        if t.scope in ("layer", "global"):
+            lost.update({sig: (src, t) for sig, src in published.items()})
+            published.clear()
+        for r in sorted(x for x in t.reads | t.consumes if x.startswith("sig:") and x in lost):
+            src, barrier = lost[r]
+            crossing = crossing or (  # raised after the other signal rules (they name the likelier mistake)
+                f"{_describe(t)} uses signal {r[4:]!r} published by {_describe(src)}, but {_describe(barrier)} "
+                f"between them reduces over whole tensors ({barrier.scope} scope) and signals do not cross it; "
+                f"move {barrier.name!r} before {src.name!r} or after {t.name!r}, or leave one of them out")
+        for w in t.writes:
+            if w.startswith("sig:"):
+                published[w] = t
+                lost.pop(w, None)
         for r in sorted(x for x in t.reads if x.startswith("sig:")):
             if r not in live and r not in optional:
                 raise ValueError(
@@ -190,4 +208,6 @@ def validate(ts: tuple[Transform, ...], *, complete: bool) -> None:
         raise ValueError(
             f"{_describe(t)} publishes {sig[4:]!r} but no later transform consumes it; add a consumer after it "
             "(ac.eps_divide(1e-8) for 'denom')")
+    if crossing:
+        raise ValueError(crossing)
     assert all(t.stage in STAGES for t in ts)

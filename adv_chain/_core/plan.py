@@ -4,8 +4,11 @@ A *segment* is a run of transforms executed together on one slice of data. Eleme
 on cache-sized groups of flat tensor slices (every transform of the segment on one group before the
 next group: torch's multi-tensor amortization with a loop's locality). A global transform starts a new
 segment: its ``reduce`` runs over every bucket, its ``finalize`` once, and its elementwise part joins
-the segment it starts (layer-scope transforms likewise, with per-layer results). A tensor-scope transform is a segment of its own on whole tensors. When a
-segment is not the last, its output direction is materialized to full-size fp32 tensors.
+the segment it starts (layer-scope transforms likewise, with per-layer results). A tensor-scope
+transform makes the segment that holds it run on whole tensors: it stays with its neighbours, so the
+signals, decay terms and ``skip_apply`` they share (which live only as long as one segment) still
+reach it and the terminal. When a segment is not the last, its output direction is materialized to
+full-size fp32 tensors.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 class Segment:
     transforms: tuple[Transform, ...]
     barrier: Transform | None  # a global transform whose reduce/finalize runs before this segment
-    whole: bool                # tensor scope: runs on whole, param-shaped tensors
+    whole: bool                # holds a tensor-scope transform: runs on whole, param-shaped tensors
     materialize: bool          # the next segment needs this one's output at full size
 
 
@@ -32,20 +35,17 @@ def build_plan(transforms: tuple[Transform, ...]) -> tuple[Segment, ...]:
     raw: list[tuple[list[Transform], Transform | None, bool]] = []
     current: list[Transform] = []
     barrier: Transform | None = None
+    whole = False
     for t in transforms:
         if t.scope in ("global", "layer"):
             if current:
-                raw.append((current, barrier, False))
-            current, barrier = [t], t
-        elif t.scope == "tensor":
-            if current:
-                raw.append((current, barrier, False))
-            raw.append(([t], None, True))
-            current, barrier = [], None
+                raw.append((current, barrier, whole))
+            current, barrier, whole = [t], t, False
         else:
             current.append(t)
+            whole = whole or t.scope == "tensor"
     if current:
-        raw.append((current, barrier, False))
+        raw.append((current, barrier, whole))
     return tuple(Segment(tuple(ts), bar, whole, i < len(raw) - 1) for i, (ts, bar, whole) in enumerate(raw))
 
 

@@ -39,7 +39,9 @@ def allocate_state(state: dict[str, Any], p: torch.Tensor, specs: Mapping[str, S
         if key in state:
             continue
         dtype = resolve_dtype(spec, p, policy)
-        if spec.scalar:
+        if spec.build is not None:
+            state[key] = spec.build(p.detach())
+        elif spec.scalar:
             state[key] = torch.zeros((), dtype=torch.float32, device=p.device)
         elif spec.init == "param":
             state[key] = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(p.detach())

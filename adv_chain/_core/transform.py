@@ -9,7 +9,7 @@ A transform is a small immutable object holding configuration only (never tensor
   which plain param-group key (``"lr"``, ``"betas"``, ``"weight_decay"``...) feeds them;
 * ``state_specs(param, hp)``: its per-parameter state (shape, dtype policy, kind, factorable);
 * ``scope``: ``"elementwise"`` (runs on any slice of a tensor), ``"tensor"`` (its update needs whole
-  tensors), ``"layer"`` or ``"global"`` (needs a reduction first: ``reduce`` gives one value per
+  tensors: the segment holding it runs on whole tensors), ``"layer"`` or ``"global"`` (needs a reduction first: ``reduce`` gives one value per
   parameter of every bucket, ``finalize`` runs once over all of them, grouped by ``layer_key`` for
   the layer scope, and returns tensors for everyone or per-parameter lists; then ``update`` runs
   elementwise with those results as scalars).
@@ -45,6 +45,9 @@ class StateSpec:
     ``init``: ``"zeros"`` or ``"param"`` (a copy of the parameter). ``kind``: ``"signed"``,
     ``"nonneg"`` or ``"any"``; with ``factorable`` it tells a state-compressing wrapper what it may do.
     ``scalar=True`` makes it one 0-d fp32 value per parameter (every slice of the tensor sees it).
+    ``build``: a function of the (detached) parameter returning the initial tensor in any shape and
+    dtype (e.g. a block-quantized copy); it overrides ``dtype``/``init``. Such a tensor is not laid
+    out like the parameter, so it is never sliced: its transform must have ``"tensor"`` scope.
     """
 
     dtype: Any = "state"
@@ -53,6 +56,7 @@ class StateSpec:
     factorable: bool = False
     #: ``True``: one 0-d value per parameter (a per-tensor statistic) instead of a param-shaped tensor
     scalar: bool = False
+    build: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,14 @@ def not_yet(preset: str, **flags: Any) -> None:
 
 
 def gradient_stage(preset: str, orthogonal_gradient: Any) -> tuple[Transform, ...]:
-    """OrthoGrad from the reference's ``orthogonal_gradient`` (2.5.16 string or legacy bool)."""
+    """OrthoGrad from the reference's ``orthogonal_gradient`` (2.5.16 string or legacy bool):
+    ``'flattened'``/``True`` -> :func:`orthograd`, ``'iterative'`` -> ``orthograd(mode='iterative')``."""
     if orthogonal_gradient not in _ORTHO_MODES or isinstance(orthogonal_gradient, int) and not isinstance(
             orthogonal_gradient, bool):
         raise ValueError(f"{preset}: orthogonal_gradient={orthogonal_gradient!r} must be 'disabled', 'flattened', "
                          "'iterative' or (legacy) a bool")
-    not_yet(preset, orthogonal_gradient=orthogonal_gradient == "iterative" and "iterative")
+    if orthogonal_gradient == "iterative":
+        return (T.orthograd(mode="iterative"),)
     return (T.orthograd(),) if orthogonal_gradient in ("flattened", True) else ()
 
 
@@ -63,10 +65,37 @@ def kourkoutas_stage(preset: str, enabled: bool, betas: Any, beta2_min: float, e
                               warmup=warmup, warmup_mode="ramp", layer_key="shape", lag=True),)
 
 
+def _normed_mode(preset: str, normed_momentum: bool, use_atan2: bool, use_ademamix: bool) -> str | None:
+    """scale_by_adam's ``normed_momentum`` mode for the reference's flag (``None``: off)."""
+    if not checks.flag(preset, "normed_momentum", normed_momentum):
+        return None
+    if use_ademamix:
+        raise ValueError(f"{preset}: normed_momentum=True cannot be combined with use_AdEMAMix=True (the slow EMA "
+                         "would be added unnormalized to a normalized direction; no reference version has both)")
+    return "atan2" if use_atan2 else "eps"
+
+
 def decay_stage(weight_decay: float, cautious_wd: bool) -> Transform:
     if checks.flag("preset", "cautious_wd", cautious_wd):
         return T.cautious_wd(weight_decay, name="weight_decay")
     return T.weight_decay(weight_decay)
+
+
+def centered_stage(preset: str, centered_wd: float, centered_wd_mode: str, cautious_wd: bool) -> tuple[Transform, ...]:
+    """adv_optm's ``centered_wd``/``centered_wd_mode`` (after the ordinary decay, as the reference;
+    ``cautious_wd`` masks it too). ``centered_wd=0`` adds nothing and stores no anchor."""
+    checks.nonneg(preset, "centered_wd", centered_wd)
+    checks.choice(preset, "centered_wd_mode", centered_wd_mode, T.decay.ANCHOR_MODES)
+    if centered_wd == 0:
+        return ()
+    return (T.centered_wd(centered_wd, anchor=centered_wd_mode, cautious=cautious_wd),)
+
+
+def fisher_stage(preset: str, fisher_wd: bool, eps: float, use_atan2: bool) -> tuple[Transform, ...]:
+    """adv_optm's ``fisher_wd``: placed before the normalizer, where the denominator is published."""
+    if not checks.flag(preset, "fisher_wd", fisher_wd):
+        return ()
+    return (T.fisher_wd(eps=eps, atan2=use_atan2),)
 
 
 @register
@@ -88,15 +117,24 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     ``use_AdEMAMix`` -> :func:`ademamix` with the slow EMA bias-corrected (legacy behaviour);
     ``cautious_mask`` -> :func:`cautious` with the reference's mean rescale; ``grams_moment`` ->
     :func:`grams`; ``stochastic_rounding`` -> :func:`stochastic_round_apply` (bf16 weights).
+    ``fisher_wd`` -> :func:`fisher_wd` before the normalizer (not with ``normed_momentum`` yet);
+    ``centered_wd``/``centered_wd_mode`` -> :func:`centered_wd` after the ordinary decay (cautious
+    with ``cautious_wd``).
+    ``orthogonal_gradient='iterative'`` -> ``orthograd(mode='iterative')``. ``normed_momentum`` ->
+    ``scale_by_adam(normed_momentum='eps')`` (``'atan2'`` with ``use_atan2``), which normalizes the
+    gradient before the first moment and publishes no denominator, so the chain has no
+    ``eps_divide``/``atan2_scale`` (spec §4.2; a copy is normalized, ``p.grad`` is not written as the
+    reference does). It cannot be combined with the legacy ``use_AdEMAMix`` (no reference has both).
     Moments stay fp32 for bf16 weights (the reference keeps them in bf16).
 
     >>> import adv_chain as ac
     >>> ac.presets.adamw_adv(use_atan2=True, orthogonal_gradient="flattened").names
     ('orthograd', 'adam', 'atan2_scale', 'weight_decay', 'apply')
+    >>> ac.presets.adamw_adv(normed_momentum=True, orthogonal_gradient="iterative").names
+    ('orthograd', 'adam', 'weight_decay', 'apply')
     """
     name = "adamw_adv"
-    not_yet(name, fisher_wd=fisher_wd, normed_momentum=normed_momentum,
-            spectral_normalization=spectral_normalization, centered_wd=centered_wd,
+    not_yet(name, spectral_normalization=spectral_normalization,
             state_precision=state_precision != "auto" and state_precision, factored_2nd=factored_2nd,
             nnmf_factor=nnmf_factor)
     if eps is None:
@@ -104,15 +142,28 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
                                   "implemented yet; pass a number")
     checks.flag(name, "use_AdEMAMix", use_AdEMAMix)
     checks.flag(name, "use_atan2", use_atan2)
+    normed = _normed_mode(name, normed_momentum, use_atan2, use_AdEMAMix)
+    if fisher_wd and cautious_mask and not grams_moment:
+        raise NotImplementedError(f"{name}: fisher_wd=True with the legacy cautious_mask=True is not implemented yet "
+                                  "(the mask's per-tensor rescale sits between the denominator and the decay); "
+                                  "leave one of them off")
+    if normed and checks.flag(name, "fisher_wd", fisher_wd):
+        raise NotImplementedError(f"{name}: fisher_wd=True together with normed_momentum=True is not implemented "
+                                  "yet (normed momentum publishes no denominator); leave one of them off")
     return chain(
         *gradient_stage(name, orthogonal_gradient),
         *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps),
         T.scale_by_adam(betas=betas, bias_correction=checks.flag(name, "use_bias_correction", use_bias_correction),
-                        nesterov=checks.flag(name, "nesterov", nesterov), nesterov_coef=nesterov_coef),
+                        nesterov=checks.flag(name, "nesterov", nesterov), nesterov_coef=nesterov_coef,
+                        **({"normed_momentum": normed} if normed else {}),
+                        **({"eps": eps} if normed == "eps" else {})),
         *((T.ademamix(beta3=beta3_ema, alpha=alpha, slow_bias_correction=True),) if use_AdEMAMix else ()),
-        T.atan2_scale(bias_correction="outside") if use_atan2 else T.eps_divide(eps),
+        *fisher_stage(name, fisher_wd, eps, use_atan2),
+        # normed momentum: scale_by_adam already normalized (it publishes no denominator)
+        *(() if normed else (T.atan2_scale(bias_correction="outside") if use_atan2 else T.eps_divide(eps),)),
         *direction_mask(name, cautious_mask, grams_moment),
         decay_stage(weight_decay, cautious_wd),
+        *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),
     )
 
@@ -127,7 +178,7 @@ def lion_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0
     """adv_optm's ``Lion_adv`` (2.5.16 keywords plus the legacy ``cautious_mask``/``clip_threshold``):
     :func:`scale_by_lion` (sign of ``b1*m + (1-b1)*g``), decay ``lr * weight_decay``, and the
     stochastic-rounding terminal. ``cautious_mask`` masks the post-sign update against the gradient
-    with the reference's mean rescale.
+    with the reference's mean rescale; ``centered_wd``/``centered_wd_mode`` -> :func:`centered_wd`.
 
     >>> import adv_chain as ac
     >>> ac.presets.lion_adv(weight_decay=0.1, cautious_wd=True).names
@@ -135,13 +186,14 @@ def lion_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0
     """
     name = "lion_adv"
     not_yet(name, kappa_p=kappa_p != 1.0 and kappa_p, auto_kappa_p=auto_kappa_p, stochastic_sign=stochastic_sign,
-            centered_wd=centered_wd, spectral_normalization=spectral_normalization, nnmf_factor=nnmf_factor,
+            spectral_normalization=spectral_normalization, nnmf_factor=nnmf_factor,
             clip_threshold=clip_threshold)
     return chain(
         *gradient_stage(name, orthogonal_gradient),
         T.scale_by_lion(betas=betas),
         *direction_mask(name, cautious_mask, False),
         decay_stage(weight_decay, cautious_wd),
+        *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),
     )
 
@@ -159,15 +211,22 @@ def adopt_adv(betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6, wei
               Simplified_AdEMAMix: bool = False, alpha_grad: float = 100.0, seed: int = 0) -> Chain:  # noqa: N803
     """adv_optm's ``Adopt_adv``: :func:`scale_by_adopt` with the reference's clip schedule
     (``clip_step_offset=-1``; ``clip_exponent`` stands for its default ``clip_lambda = step**0.25``,
-    ``None`` for no clip) and, with ``use_atan2``, no skipped first step (as the reference).
+    ``None`` for no clip) and, with ``use_atan2``, no skipped first step (as the reference);
+    ``centered_wd``/``centered_wd_mode`` -> :func:`centered_wd`. ``fisher_wd`` is not implemented
+    yet (``scale_by_adopt`` does not publish its denominator).
 
     >>> import adv_chain as ac
     >>> ac.presets.adopt_adv(weight_decay=0.01).names
     ('adopt', 'weight_decay', 'apply')
     """
     name = "adopt_adv"
-    not_yet(name, fisher_wd=fisher_wd, nesterov=nesterov, kourkoutas_beta=kourkoutas_beta,
-            spectral_normalization=spectral_normalization, centered_wd=centered_wd, factored_2nd=factored_2nd,
+    if checks.flag(name, "fisher_wd", fisher_wd):
+        raise NotImplementedError(
+            f"{name}: fisher_wd=True selects a feature adv_chain does not implement yet for Adopt: it needs "
+            "scale_by_adopt to publish its denominator sqrt(v_(t-1)) as the 'denom' signal; leave it at False "
+            "(or use the reference optimizer for it)")
+    not_yet(name, nesterov=nesterov, kourkoutas_beta=kourkoutas_beta,
+            spectral_normalization=spectral_normalization, factored_2nd=factored_2nd,
             nnmf_factor=nnmf_factor, use_AdEMAMix=use_AdEMAMix, Simplified_AdEMAMix=Simplified_AdEMAMix,
             state_precision=state_precision != "auto" and state_precision)
     use_atan2 = checks.flag(name, "use_atan2", use_atan2)
@@ -177,6 +236,7 @@ def adopt_adv(betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6, wei
                          use_atan2=use_atan2, skip_first=not use_atan2),
         *direction_mask(name, cautious_mask, grams_moment),
         decay_stage(weight_decay, cautious_wd),
+        *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),
     )
 

@@ -1,6 +1,6 @@
 """Transforms grouped by kind of operation; every public one is re-exported by ``adv_chain``."""
 from .apply import apply, kahan_apply, stochastic_round_apply
-from .decay import cautious_wd, weight_decay
+from .decay import cautious_wd, centered_wd, fisher_wd, weight_decay
 from .gradient import add_l2, clip_by_global_norm, clip_by_value, negate, orthograd
 from .hyper import kourkoutas_beta
 from .masks import cautious, grams
@@ -9,4 +9,5 @@ from .normalize import atan2_scale, eps_divide, sign
 
 __all__ = ["apply", "kahan_apply", "stochastic_round_apply", "weight_decay", "add_l2", "clip_by_global_norm",
            "clip_by_value", "negate", "momentum", "scale_by_adam", "scale_by_lion", "eps_divide", "sign", "orthograd", "cautious", "grams",
-           "ademamix", "simplified_accumulator", "atan2_scale", "cautious_wd", "scale_by_adopt", "kourkoutas_beta"]
+           "ademamix", "simplified_accumulator", "atan2_scale", "cautious_wd", "scale_by_adopt", "kourkoutas_beta",
+           "centered_wd", "fisher_wd"]

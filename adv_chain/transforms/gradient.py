@@ -19,6 +19,8 @@ class ClipByGlobalNorm(Transform):
     """Scale all gradients by ``min(1, max_norm / (||g|| + 1e-6))``, ``||g||`` over every parameter of
     every group, as ``torch.nn.utils.clip_grad_norm_`` does (global scope: a reduction, then one
     scale). The total norm of the step is kept in ``optimizer.step_info[name]["total_norm"]``.
+    Under gradient release (per-parameter steps, :func:`adv_chain.enable_gradient_release`) it is
+    one step lagged: the norm of the previous round of steps scales this step's gradients.
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.clip_by_global_norm(1.0), ac.scale_by_adam(), ac.eps_divide(), ac.apply()).names
@@ -113,32 +115,65 @@ class AddL2(Transform):
 _SLICE = 1 << 18  # elements per slice of orthograd's reduction
 
 
+_ORTHO_MODES = ("flattened", "iterative")
+_OVER_RELAX = 1.01   # adv_optm's over-relaxed projection (gamma = -1.01 instead of -1)
+_ITERATIONS = 3      # alternating row/column sweeps of the iterative mode
+
+
 class Orthograd(Transform):
     """OrthoGrad (Prieto et al., arXiv 2501.04697): remove the gradient's component parallel to the
-    weights and restore its norm, per tensor:
+    weights and restore its norm, per tensor.
 
-    ``rho = <w, g> / (<w, w> + 1e-30)``, ``o = g - rho * w``, ``g' = o * ||g|| / (||o|| + 1e-30)``.
+    ``mode="flattened"`` (default; the paper's, and adv_optm's ``orthogonal_gradient='flattened'``)
+    treats each tensor as one vector::
 
-    ``mode="flattened"`` (the paper's, and adv_optm's ``orthogonal_gradient='flattened'``) treats
-    each tensor as one vector. The reduction makes two passes (fp32 dot products over slices of
-    256K elements, summed in fp64): the dot products,
-    then the norm of the fp32 residue ``g - rho*w`` exactly as the update will apply it (so
-    ``||g'|| = ||g||`` holds even when g is parallel to w up to rounding); the update then applies
-    ``g' = s * (g - rho * w)`` elementwise with the per-tensor ``rho`` and ``s``.
+        rho = <w, g> / (<w, w> + 1e-30),   o = g - rho * w,   g' = o * ||g|| / (||o|| + 1e-30)
+
+    It runs as a per-tensor (layer-scope) reduction in two passes (fp32 dot products over slices
+    of 256K elements, summed in fp64): the dot products, then the norm of the fp32 residue
+    ``g - rho*w`` exactly as the update will apply it (so ``||g'|| = ||g||`` holds even when g is
+    parallel to w up to rounding); the update then applies ``g' = s * (g - rho * w)`` elementwise
+    with the per-tensor ``rho`` and ``s``.
+
+    ``mode="iterative"`` is adv_optm's rank-2 variant (``orthogonal_gradient='iterative'``, spec
+    §3.1; not in the paper). On the matrix view ``G, W`` (``rows x rest``, ``m x n``) it alternates
+    projections per column and per row, 3 sweeps, over-relaxed by 1.01, restoring the original
+    per-slice norms after each projection. With ``d1`` = the dimension reduced first (rows, i.e.
+    per-column quantities, if ``m > n``, else columns) and ``d2`` the other, for ``d`` in both::
+
+        P_d = sum_d W^2 + 1e-30,   lb_d = 1 / sqrt(size_d),   T_d = max(||G||_d, lb_d)   (original G)
+        repeat 3 times, for d in (d1, d2):
+            G = G - 1.01 * (sum_d (W * G) / P_d) * W
+            G = G * T_d / max(||G||_d, lb_d)
+
+    (``sum_d`` and ``||.||_d`` reduce over dimension ``d``, keeping it.) Every row and column ends
+    nearly orthogonal to the weights'; the global norm is only approximately kept. 1-D (and 0-d)
+    parameters, and parameters tagged ``is_vector`` or ``_is_dora_scale`` (as adv_optm reads them),
+    use the flattened formula. This mode needs whole tensors, so it is a tensor-scope transform (a
+    segment of its own); it computes in fp32, with same-shaped tensors stacked into one batch.
+
+    Neither mode writes the user's ``p.grad``.
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.orthograd(), ac.scale_by_adam(), ac.eps_divide(), ac.apply()).names
     ('orthograd', 'adam', 'eps_divide', 'apply')
+    >>> ac.orthograd(mode="iterative"), ac.orthograd(mode="iterative").scope
+    (orthograd(mode='iterative'), 'tensor')
     """
 
     type_name = "orthograd"
     default_name = "orthograd"
     stage = "gradient"
-    scope = "layer"  # per tensor: the default layer key is the tensor itself
     reads = frozenset({"update", "param"})
 
     def __init__(self, mode: str = "flattened", *, name: str | None = None) -> None:
-        super().__init__(name=name, mode=checks.choice(self.type_name, "mode", mode, ("flattened",)))
+        super().__init__(name=name, mode=checks.choice(self.type_name, "mode", mode, _ORTHO_MODES))
+
+    @property
+    def scope(self) -> str:  # type: ignore[override]
+        # flattened: per tensor, reduced slice by slice (the default layer key is the tensor itself);
+        # iterative: per-row/per-column reductions need whole tensors
+        return "tensor" if self.args["mode"] == "iterative" else "layer"
 
     def reduce(self, b: Any) -> list[torch.Tensor]:
         out = []
@@ -165,10 +200,62 @@ class Orthograd(Transform):
         return {"rho": [v[0] for v in values], "scale": [v[1] for v in values]}
 
     def update(self, b: Any) -> None:
+        if self.args["mode"] == "iterative":
+            b.set_u(_iterative_orthograd(b.params, b.u))
+            return
         u = b.own_u()
         w = b.params if b.params[0].dtype == torch.float32 else [p.float() for p in b.params]
         torch._foreach_sub_(u, torch._foreach_mul(w, b.s("rho")))
         torch._foreach_mul_(u, b.s("scale"))
+
+
+def _is_vector(p: torch.Tensor) -> bool:
+    """adv_optm's vector test for the iterative mode: fewer than 2 dims, or a vector tag."""
+    return p.dim() < 2 or bool(getattr(p, "is_vector", False)) or bool(getattr(p, "_is_dora_scale", False))
+
+
+def _iterative_orthograd(params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Iterative OrthoGrad of every (param, grad) pair: fresh fp32 tensors shaped like the grads.
+
+    Tensors are grouped by their view (matrix ``(m, n)`` or vector ``(n,)``) and each group is
+    stacked into one batch ``(B, ...)``; all math is fp32 and never touches the inputs."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, p in enumerate(params):
+        view = (p.numel(),) if _is_vector(p) else (p.shape[0], p.numel() // p.shape[0])
+        groups.setdefault(view, []).append(i)
+    out: list[Any] = [None] * len(params)
+    for view, idx in groups.items():
+        w = torch.stack([params[i].detach().reshape(view).float() for i in idx])
+        g = torch.stack([grads[i].reshape(view).float() for i in idx])  # a copy: the input stays intact
+        result = _flattened_batch(w, g) if len(view) == 1 else _rank2_batch(w, g)
+        for k, i in enumerate(idx):
+            out[i] = result[k].view(grads[i].shape)
+    return out
+
+
+def _flattened_batch(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The flattened formula on a batch of vectors ``(B, n)``, fp32."""
+    rho = (w * g).sum(-1, keepdim=True) / ((w * w).sum(-1, keepdim=True) + 1e-30)
+    o = g - rho * w
+    return o * (torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+                / (torch.linalg.vector_norm(o, dim=-1, keepdim=True) + 1e-30))
+
+
+def _rank2_batch(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """adv_optm's alternating per-column / per-row projection on a batch of matrices ``(B, m, n)``
+    (modified in place: ``g`` must be a fresh copy)."""
+    m, n = g.shape[1], g.shape[2]
+    first = 1 if m > n else 2  # reduce over rows first (per-column quantities) for tall matrices
+    dims = (first, 3 - first)
+    power = [(w * w).sum(d, keepdim=True) + 1e-30 for d in dims]
+    floor = [g.shape[d] ** -0.5 for d in dims]
+    target = [torch.linalg.vector_norm(g, dim=d, keepdim=True).clamp_min(lb) for d, lb in zip(dims, floor)]
+    for _ in range(_ITERATIONS):
+        for d, pw, lb, tn in zip(dims, power, floor, target):
+            coef = (w * g).sum(d, keepdim=True) / pw
+            g.addcmul_(coef, w, value=-_OVER_RELAX)
+            g.mul_(tn / torch.linalg.vector_norm(g, dim=d, keepdim=True).clamp_min(lb))
+    return g
 
 
 class Negate(Transform):

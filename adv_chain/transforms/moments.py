@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from .._core import checks
 from .._core import foreach as F
 from .._core.transform import HParam, HostView, StateSpec, Transform
+
+
+_ADAM_HPARAMS = {"betas": HParam("betas", checks.beta_pair), "amsgrad": HParam("amsgrad", checks.flag)}
+_ADAM_HPARAMS_EPS = {**_ADAM_HPARAMS, "eps": HParam("eps", checks.nonneg)}
+_NORMED_MODES = (None, "eps", "atan2")
 
 
 class ScaleByAdam(Transform):
@@ -25,27 +30,61 @@ class ScaleByAdam(Transform):
     adv_optm's universal Nesterov form.
     ``betas`` is fed by ``group["betas"]``.
 
+    ``normed_momentum`` (adv_optm's normalization-then-momentum, spec §4.2/§2.1; default ``None``,
+    off) normalizes the gradient by the *current* denominator before it enters the first moment,
+    and the moment is the finished direction::
+
+        v = b2*v + (1-b2)*g^2 ;  D = sqrt(v) / sqrt(1-b2^t)        (v first, as without the option)
+        x = g / (D + eps)               normed_momentum="eps"   (True is the same)
+        x = atan2(g, D)                 normed_momentum="atan2" (no eps)
+        m = b1*m + (1-b1)*x ;  u = A * m / (1-b1^t)    (nesterov: A * (c*m + (1-c)*x) / (1-b1^t))
+
+    with ``A = 4/pi`` for atan2 (adv_optm's scale, as :func:`atan2_scale`'s default) and 1 otherwise;
+    ``beta1 = 0`` emits ``A * x``. No denominator is published then, so no :func:`eps_divide` or
+    :func:`atan2_scale` may follow (the chain refuses one: it would divide twice). ``eps`` is used
+    by ``"eps"`` only, where it is fed by ``group["eps"]``. ``x`` is a new tensor: unlike adv_optm,
+    which normalizes ``p.grad`` in place, the user's gradient is never written.
+
     >>> import adv_chain as ac
     >>> ac.chain(ac.scale_by_adam(betas=(0.9, 0.95)), ac.eps_divide(1e-8), ac.apply()).names
     ('adam', 'eps_divide', 'apply')
+    >>> ac.chain(ac.scale_by_adam(normed_momentum="atan2"), ac.apply()).names
+    ('adam', 'apply')
     """
 
     type_name = "scale_by_adam"
     default_name = "adam"
     stage = "moment"
-    writes = frozenset({"update", "sig:denom", "sig:bc1"})
     optional_signals = frozenset({"sig:bc1"})
     consumes = frozenset({"sig:beta2"})  # a per-tensor beta2 from kourkoutas_beta, when present
-    hparams = {"betas": HParam("betas", checks.beta_pair), "amsgrad": HParam("amsgrad", checks.flag)}
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), amsgrad: bool = False,
-                 bias_correction: bool = True, nesterov: bool = False, nesterov_coef: float | None = None, *,
-                 name: str | None = None) -> None:
+                 bias_correction: bool = True, nesterov: bool = False, nesterov_coef: float | None = None,
+                 normed_momentum: bool | str | None = None, eps: float = 1e-8, *, name: str | None = None) -> None:
         if nesterov_coef is not None:
             nesterov_coef = checks.closed_unit(self.type_name, "nesterov_coef", nesterov_coef)
+        if isinstance(normed_momentum, bool):  # True: divide by (D + eps), as adv_optm's default
+            normed_momentum = "eps" if normed_momentum else None
+        elif normed_momentum is not None and not (isinstance(normed_momentum, str) and normed_momentum in _NORMED_MODES):
+            raise ValueError(f"{self.type_name}: normed_momentum={normed_momentum!r} is not one of "
+                             f"{(*_NORMED_MODES, True, False)}")
         super().__init__(name=name, betas=betas, amsgrad=checks.flag(self.type_name, "amsgrad", amsgrad),
                          bias_correction=checks.flag(self.type_name, "bias_correction", bias_correction),
-                         nesterov=checks.flag(self.type_name, "nesterov", nesterov), nesterov_coef=nesterov_coef)
+                         nesterov=checks.flag(self.type_name, "nesterov", nesterov), nesterov_coef=nesterov_coef,
+                         normed_momentum=normed_momentum, eps=checks.nonneg(self.type_name, "eps", eps))
+
+    @property
+    def hparams(self) -> Mapping[str, HParam]:  # type: ignore[override]
+        # eps is a runtime hyperparameter (fed by group["eps"]) only when this transform divides by it;
+        # otherwise group["eps"] belongs to the normalizer that follows (eps_divide)
+        args = self.__dict__.get("args")
+        return _ADAM_HPARAMS_EPS if args is not None and args["normed_momentum"] == "eps" else _ADAM_HPARAMS
+
+    @property
+    def writes(self) -> frozenset[str]:  # type: ignore[override]
+        if self.args["normed_momentum"] is not None:  # the direction is final: nothing left to divide by
+            return frozenset({"update", "sig:bc1"})
+        return frozenset({"update", "sig:denom", "sig:bc1"})
 
     def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
         specs = {"exp_avg_sq": StateSpec(kind="nonneg", factorable=True)}
@@ -60,17 +99,20 @@ class ScaleByAdam(Transform):
         bc1 = 1.0 - b1 ** h.step if h.hp["bias_correction"] else 1.0
         bc2 = 1.0 - b2 ** h.step if h.hp["bias_correction"] else 1.0
         c = b1 if h.hp["nesterov_coef"] is None else h.hp["nesterov_coef"]
+        a = 4.0 / math.pi if h.hp["normed_momentum"] == "atan2" else 1.0  # scale of a normed direction
         return {"one_minus_b1": 1.0 - b1, "b2": b2, "one_minus_b2": 1.0 - b2,
-                "inv_bc1": 1.0 / bc1, "bc1": bc1, "sqrt_bc2": math.sqrt(bc2), "amsgrad": h.hp["amsgrad"],
+                "m_scale": a / bc1, "bc1": bc1, "sqrt_bc2": math.sqrt(bc2), "amsgrad": h.hp["amsgrad"],
                 "first_moment": b1 != 0, "nesterov": h.hp["nesterov"] and b1 != 0,
-                "nesterov_m": c / bc1, "nesterov_g": (1.0 - c) / bc1}
+                "nesterov_m": a * c / bc1, "nesterov_g": a * (1.0 - c) / bc1, "normed_scale": a,
+                "eps": h.hp["eps"]}
 
     static_scalars = frozenset({"amsgrad", "first_moment", "nesterov"})
 
     def update(self, b: Any) -> None:
         g = b.u
         v = b.state("exp_avg_sq")
-        if b.s("first_moment"):
+        normed = self.args["normed_momentum"]
+        if b.s("first_moment") and normed is None:
             m = b.state("exp_avg")
             F.lerp_(m, g, b.s("one_minus_b1"))
         beta2 = b.signals.pop("beta2", None)
@@ -88,14 +130,28 @@ class ScaleByAdam(Transform):
             v = v_max
         denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, b.s("sqrt_bc2"))
+        if normed is not None:
+            # normalize a copy of the gradient by the current denominator (never p.grad in place)
+            if normed == "atan2":  # torch has no multi-tensor atan2: one op per tensor (fused under compile)
+                g = [torch.atan2(x, d) for x, d in zip(g, denom)]
+            else:
+                F.add_scalar_(denom, b.s("eps"))
+                g = torch._foreach_div(g, denom)
+            if b.s("first_moment"):
+                m = b.state("exp_avg")
+                F.lerp_(m, g, b.s("one_minus_b1"))
         if b.s("nesterov"):  # (c*m + (1-c)*g) / (1 - b1^t)
             u = torch._foreach_mul(m, b.s("nesterov_m"))
             F.add_scaled_(u, g, b.s("nesterov_g"))
             b.set_u(u)
         elif b.s("first_moment"):
-            b.set_u(torch._foreach_mul(m, b.s("inv_bc1")))
-        # with beta1 = 0 the direction is the gradient itself (no exp_avg is kept)
-        b.signals["denom"] = denom
+            b.set_u(torch._foreach_mul(m, b.s("m_scale")))
+        elif normed is not None:  # beta1 = 0: the normalized gradient itself (a fresh tensor)
+            F.scale_(g, b.s("normed_scale"))
+            b.set_u(g)
+        # else (beta1 = 0, not normed): the direction is the gradient itself (no exp_avg is kept)
+        if normed is None:
+            b.signals["denom"] = denom
         b.signals["bc1"] = b.s("bc1")
 
 
