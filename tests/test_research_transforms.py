@@ -757,3 +757,30 @@ def test_grams_with_cautious_pair_is_rejected():
                 ac.chain(ac.orthograd(), ac.scale_by_adam(), ac.ademamix(), norm, *mask_pair,
                          ac.weight_decay(0.1), ac.apply())
             assert "grams" in str(err.value) and "cautious" in str(err.value)
+
+
+def test_eps_none_is_one_over_sqrt_numel_per_tensor_and_survives_a_checkpoint():
+    """eps=None: u = m_hat / (sqrt(v_hat) + 1/sqrt(N)), N the tensor's element count (spec §4.5)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(16, 4)), torch.nn.Parameter(torch.randn(9))]
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    opt = ac.ChainOptimizer(params, ac.chain(ac.scale_by_adam(), ac.eps_divide(None), ac.apply()), lr=0.1)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    for p, p0, g in zip(params, start, grads):
+        expected = p0 - 0.1 * g / (g.abs() + 1 / p.numel() ** 0.5)  # step 1: m_hat = g, sqrt(v_hat) = |g|
+        torch.testing.assert_close(p.detach(), expected, atol=1e-7, rtol=0)
+    again = ac.ChainOptimizer(params, ac.chain(ac.scale_by_adam(), ac.eps_divide(None), ac.apply()), lr=0.1)
+    again.load_state_dict(opt.state_dict())
+    assert float(again.state[params[1]]["eps_divide/auto_eps"]) == pytest.approx(1 / 3)
+    compiled = ac.ChainOptimizer([torch.nn.Parameter(s.clone()) for s in start],
+                                 ac.chain(ac.scale_by_adam(), ac.eps_divide(None), ac.apply()), lr=0.1, compile=True)
+    for p, g in zip(compiled.param_groups[0]["params"], grads):
+        p.grad = g.clone()
+    compiled.step()
+    for a, b in zip(compiled.param_groups[0]["params"], params):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="eps"):
+        ac.eps_divide(-1.0)

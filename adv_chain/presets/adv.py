@@ -137,12 +137,12 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     not_yet(name, spectral_normalization=spectral_normalization,
             state_precision=state_precision != "auto" and state_precision, factored_2nd=factored_2nd,
             nnmf_factor=nnmf_factor)
-    if eps is None:
-        raise NotImplementedError(f"{name}: eps=None (adv_optm's scale-invariant 1/sqrt(N) epsilon) is not "
-                                  "implemented yet; pass a number")
     checks.flag(name, "use_AdEMAMix", use_AdEMAMix)
     checks.flag(name, "use_atan2", use_atan2)
     normed = _normed_mode(name, normed_momentum, use_atan2, use_AdEMAMix)
+    if eps is None and (normed == "eps" or fisher_wd):
+        raise NotImplementedError(f"{name}: eps=None (the scale-invariant 1/sqrt(N) epsilon) works with eps_divide; "
+                                  "with normed_momentum=True or fisher_wd=True it is not implemented yet: pass a number")
     if fisher_wd and cautious_mask and not grams_moment:
         raise NotImplementedError(f"{name}: fisher_wd=True with the legacy cautious_mask=True is not implemented yet "
                                   "(the mask's per-tensor rescale sits between the denominator and the decay); "

@@ -8,17 +8,29 @@ import torch
 
 from .._core import checks
 from .._core import foreach as F
-from .._core.transform import HParam, HostView, Transform
+from .._core.transform import HParam, HostView, StateSpec, Transform
+
+
+def _eps_or_none(owner: str, arg: str, value: Any) -> Any:
+    return None if value is None else checks.nonneg(owner, arg, value)
+
+
+def _scale_invariant_eps(p: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(1.0 / math.sqrt(max(1, p.numel())), dtype=torch.float32, device=p.device)
 
 
 class EpsDivide(Transform):
     """``u = u / (denom + eps)``: consumes the ``denom`` a moment transform published (Adam's).
 
-    Fed by ``group["eps"]``.
+    ``eps=None`` is adv_optm's scale-invariant epsilon (spec §4.5): ``eps = 1/sqrt(N)`` for a tensor
+    of ``N`` elements, kept as a per-tensor 0-d state ``"eps_divide/auto_eps"`` (created when the
+    parameter's state is). Fed by ``group["eps"]`` (a number, or ``None``).
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.scale_by_adam(), ac.eps_divide(1e-6), ac.apply()).names
     ('adam', 'eps_divide', 'apply')
+    >>> ac.eps_divide(None)
+    eps_divide(eps=None)
     """
 
     type_name = "eps_divide"
@@ -26,17 +38,26 @@ class EpsDivide(Transform):
     stage = "normalize"
     reads = frozenset({"update", "sig:denom"})
     consumes = frozenset({"sig:denom"})
-    hparams = {"eps": HParam("eps", checks.nonneg)}
+    hparams = {"eps": HParam("eps", _eps_or_none)}
 
-    def __init__(self, eps: float = 1e-8, *, name: str | None = None) -> None:
+    def __init__(self, eps: float | None = 1e-8, *, name: str | None = None) -> None:
         super().__init__(name=name, eps=eps)
 
+    def state_specs(self, param: torch.Tensor, hp: Any) -> dict[str, StateSpec]:
+        if hp["eps"] is None:
+            return {"auto_eps": StateSpec(scalar=True, build=_scale_invariant_eps)}
+        return {}
+
     def host_scalars(self, h: HostView) -> dict[str, Any]:
-        return {"eps": h.hp["eps"]}
+        eps = h.hp["eps"]
+        return {"eps": 0.0 if eps is None else eps, "auto_eps": eps is None}
 
     def update(self, b: Any) -> None:
         denom = b.signals.pop("denom")
-        F.add_scalar_(denom, b.s("eps"))
+        if b.s("auto_eps"):
+            torch._foreach_add_(denom, b.state("auto_eps"))
+        else:
+            F.add_scalar_(denom, b.s("eps"))
         torch._foreach_div_(b.own_u(), denom)
 
 
