@@ -267,9 +267,9 @@ def test_fisher_wd_matches_adv_optm_2_5_16(kwargs):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
 
 
-def test_adopt_fisher_wd_is_refused_until_adopt_publishes_its_denominator():
-    with pytest.raises(NotImplementedError, match="fisher_wd"):
-        ac.optim.Adopt_adv([torch.nn.Parameter(torch.zeros(2))], fisher_wd=True)
+def test_adopt_fisher_wd_reads_the_published_previous_denominator():
+    chain = ac.presets.adopt_adv(fisher_wd=True, weight_decay=0.1)
+    assert chain.names[:2] == ("adopt", "fisher_wd") and chain["adopt"].args["publish_denom"]
 
 
 @pytest.mark.parametrize("cls", ["AdamW_adv", "Adopt_adv", "Lion_adv"])

@@ -212,28 +212,29 @@ def adopt_adv(betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6, wei
     """adv_optm's ``Adopt_adv``: :func:`scale_by_adopt` with the reference's clip schedule
     (``clip_step_offset=-1``; ``clip_exponent`` stands for its default ``clip_lambda = step**0.25``,
     ``None`` for no clip) and, with ``use_atan2``, no skipped first step (as the reference);
-    ``centered_wd``/``centered_wd_mode`` -> :func:`centered_wd`. ``fisher_wd`` is not implemented
-    yet (``scale_by_adopt`` does not publish its denominator).
+    ``centered_wd``/``centered_wd_mode`` -> :func:`centered_wd`; ``fisher_wd`` -> :func:`fisher_wd`
+    on the published ``sqrt(v_(t-1))``; ``kourkoutas_beta`` -> :func:`kourkoutas_beta` feeding
+    Adopt's ``v`` update; ``nesterov`` mixes the *normalized* gradient into the momentum (the
+    reference mixes the raw one, its bug B3).
 
     >>> import adv_chain as ac
     >>> ac.presets.adopt_adv(weight_decay=0.01).names
     ('adopt', 'weight_decay', 'apply')
     """
     name = "adopt_adv"
-    if checks.flag(name, "fisher_wd", fisher_wd):
-        raise NotImplementedError(
-            f"{name}: fisher_wd=True selects a feature adv_chain does not implement yet for Adopt: it needs "
-            "scale_by_adopt to publish its denominator sqrt(v_(t-1)) as the 'denom' signal; leave it at False "
-            "(or use the reference optimizer for it)")
-    not_yet(name, nesterov=nesterov, kourkoutas_beta=kourkoutas_beta,
-            spectral_normalization=spectral_normalization, factored_2nd=factored_2nd,
+    fisher_wd = checks.flag(name, "fisher_wd", fisher_wd)
+    not_yet(name, spectral_normalization=spectral_normalization, factored_2nd=factored_2nd,
             nnmf_factor=nnmf_factor, use_AdEMAMix=use_AdEMAMix, Simplified_AdEMAMix=Simplified_AdEMAMix,
             state_precision=state_precision != "auto" and state_precision)
     use_atan2 = checks.flag(name, "use_atan2", use_atan2)
     return chain(
         *gradient_stage(name, orthogonal_gradient),
+        *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps),
         T.scale_by_adopt(betas=betas, eps=eps, clip_exponent=clip_exponent, clip_step_offset=-1,
-                         use_atan2=use_atan2, skip_first=not use_atan2),
+                         use_atan2=use_atan2, skip_first=not use_atan2,
+                         nesterov=checks.flag(name, "nesterov", nesterov), nesterov_coef=nesterov_coef,
+                         publish_denom=fisher_wd),
+        *fisher_stage(name, fisher_wd, eps, use_atan2),
         *direction_mask(name, cautious_mask, grams_moment),
         decay_stage(weight_decay, cautious_wd),
         *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),

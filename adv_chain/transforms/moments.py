@@ -259,6 +259,12 @@ class ScaleByAdopt(Transform):
     ``clip_exponent=None`` disables the clip. ``use_atan2=True`` replaces the division and clip by
     ``(4/pi) * atan2(g, sqrt(v))`` (adv_optm's Adopt-atan2). Fed by ``group["betas"]``/``group["eps"]``.
 
+    ``nesterov=True``: ``u = c*m + (1-c)*n`` with ``c = nesterov_coef`` (default ``b1``) - the
+    normalized gradient ``n``, where adv_optm mixes in the raw ``g`` (its bug B3: mismatched units).
+    A ``beta2`` signal (per-tensor, from :func:`kourkoutas_beta`) replaces ``b2`` in the ``v`` update.
+    ``publish_denom=True`` publishes ``sqrt(v_{t-1})`` as the optional ``denom`` signal (for
+    :func:`fisher_wd`; nothing else consumes it).
+
     >>> import adv_chain as ac
     >>> ac.chain(ac.scale_by_adopt(), ac.apply()).names
     ('adopt', 'apply')
@@ -268,11 +274,23 @@ class ScaleByAdopt(Transform):
     default_name = "adopt"
     stage = "moment"
     hparams = {"betas": HParam("betas", checks.beta_pair), "eps": HParam("eps", checks.nonneg)}
-    static_scalars = frozenset({"first", "init_only", "first_moment", "clip", "use_atan2"})
+    static_scalars = frozenset({"first", "init_only", "first_moment", "clip", "use_atan2", "nesterov"})
+    consumes = frozenset({"sig:beta2"})  # a per-tensor beta2 from kourkoutas_beta, when present
+    optional_signals = frozenset({"sig:denom"})
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6,
                  clip_exponent: float | None = 0.25, clip_step_offset: int = 0, use_atan2: bool = False,
-                 skip_first: bool = True, *, name: str | None = None) -> None:
+                 skip_first: bool = True, nesterov: bool = False, nesterov_coef: float | None = None,
+                 publish_denom: bool = False, *, name: str | None = None) -> None:
+        if nesterov_coef is not None:
+            nesterov_coef = checks.closed_unit(self.type_name, "nesterov_coef", nesterov_coef)
+        extra = {}  # only non-default options enter args, so older configs and reprs stay as they were
+        if checks.flag(self.type_name, "nesterov", nesterov):
+            extra.update(nesterov=True, nesterov_coef=nesterov_coef)
+        elif nesterov_coef is not None:
+            raise ValueError(f"{self.type_name}: nesterov_coef={nesterov_coef!r} needs nesterov=True")
+        if checks.flag(self.type_name, "publish_denom", publish_denom):
+            extra["publish_denom"] = True
         if clip_exponent is not None:
             clip_exponent = checks.positive(self.type_name, "clip_exponent", clip_exponent)
         if not isinstance(clip_step_offset, int) or isinstance(clip_step_offset, bool) or clip_step_offset < -1:
@@ -280,7 +298,11 @@ class ScaleByAdopt(Transform):
         super().__init__(name=name, betas=betas, eps=eps, clip_exponent=clip_exponent,
                          clip_step_offset=clip_step_offset,
                          use_atan2=checks.flag(self.type_name, "use_atan2", use_atan2),
-                         skip_first=checks.flag(self.type_name, "skip_first", skip_first))
+                         skip_first=checks.flag(self.type_name, "skip_first", skip_first), **extra)
+
+    @property
+    def writes(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"update", "sig:denom"}) if self.args.get("publish_denom") else frozenset({"update"})
 
     def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
         specs = {"exp_avg_sq": StateSpec(kind="nonneg", factorable=True)}
@@ -297,18 +319,24 @@ class ScaleByAdopt(Transform):
         return {"first": first, "init_only": first and h.hp["skip_first"], "first_moment": b1 != 0,
                 "clip": clip, "use_atan2": h.hp["use_atan2"], "one_minus_b1": 1.0 - b1, "b2": b2,
                 "one_minus_b2": 1.0 - b2, "eps": h.hp["eps"], "lam": lam, "neg_lam": -lam,
-                "atan2_scale": 4.0 / math.pi}
+                "atan2_scale": 4.0 / math.pi, "nesterov": bool(h.hp.get("nesterov")),
+                "nesterov_c": b1 if h.hp.get("nesterov_coef") is None else h.hp["nesterov_coef"]}
 
     def update(self, b: Any) -> None:
         g = b.u
         v = b.state("exp_avg_sq")
+        beta2 = b.signals.pop("beta2", None)
         if b.s("first"):
             torch._foreach_copy_(v, torch._foreach_mul(g, g))
         if b.s("init_only"):
+            if self.args.get("publish_denom"):
+                b.signals["denom"] = torch._foreach_sqrt(v)
             b.set_u(torch._foreach_mul(g, 0.0))
             b.skip_apply = True
             return
         denom = torch._foreach_sqrt(v)
+        if self.args.get("publish_denom"):
+            b.signals["denom"] = [d.clone() for d in denom] if not b.s("use_atan2") else denom
         if b.s("use_atan2"):
             n = [torch.atan2(x, d) for x, d in zip(g, denom)]
         else:
@@ -319,14 +347,25 @@ class ScaleByAdopt(Transform):
         if b.s("first_moment"):
             m = b.state("exp_avg")
             F.lerp_(m, n, b.s("one_minus_b1"))
-            n = [x.clone() for x in m] if b.s("use_atan2") else m
-        torch._foreach_mul_(v, b.s("b2"))
-        F.addcmul_(v, g, g, b.s("one_minus_b2"))
+            if b.s("nesterov"):  # c*m + (1-c)*n, with the normalized n (bug B3 fixed)
+                n = torch._foreach_sub(n, m)
+                torch._foreach_mul_(n, 1.0 - b.s("nesterov_c"))
+                torch._foreach_add_(n, m)
+            else:
+                n = [x.clone() for x in m] if b.s("use_atan2") else m
+        if beta2 is None:
+            torch._foreach_mul_(v, b.s("b2"))
+            F.addcmul_(v, g, g, b.s("one_minus_b2"))
+        else:  # one beta2 per tensor (a 0-d tensor each)
+            torch._foreach_mul_(v, beta2)
+            sq = torch._foreach_mul(g, g)
+            torch._foreach_mul_(sq, [1.0 - x for x in beta2])
+            torch._foreach_add_(v, sq)
         if b.s("use_atan2"):
             torch._foreach_mul_(n, b.s("atan2_scale"))
             b.set_u(n)
         else:
-            b.set_u(n, owned=not b.s("first_moment"))
+            b.set_u(n, owned=not b.s("first_moment") or b.s("nesterov"))
 
 
 def _half_life(beta: float) -> float:
