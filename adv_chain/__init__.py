@@ -12,6 +12,7 @@ from ._core.transform import HParam, StateSpec, Transform
 from .transforms import (add_l2, ademamix, apply, atan2_scale, cautious, cautious_wd, centered_wd, clip_by_global_norm,
                          clip_by_value, eps_divide, fisher_wd, grams, kahan_apply, kourkoutas_beta, momentum, negate, orthograd, scale_by_adam, scale_by_adopt, scale_by_lion,
                          sign, simplified_accumulator, stochastic_round_apply, weight_decay)
+from .transforms import lookahead, proximal_wd, scale_by_adan, scale_by_radam, stable_clip
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,5 @@ __all__ = [
     "scale_by_adam", "scale_by_lion", "sign", "stochastic_round_apply", "weight_decay",
     "orthograd", "cautious", "grams", "ademamix", "simplified_accumulator", "atan2_scale", "cautious_wd", "scale_by_adopt", "kourkoutas_beta",
     "centered_wd", "fisher_wd",
+    "scale_by_radam", "scale_by_adan", "proximal_wd", "stable_clip", "lookahead",
 ]

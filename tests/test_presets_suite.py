@@ -21,7 +21,8 @@ import adv_chain as ac
 # -- per-preset configuration ----------------------------------------------------------------------
 #: a learning rate that trains the tiny model below in 20 steps
 PRESET_LR = {"adam": 1e-2, "adamw": 1e-2, "adamw_adv": 1e-2, "adopt_adv": 1e-2, "lion": 1e-3, "lion_adv": 1e-3,
-             "signum": 1e-3, "sgd": 5e-2, "simplified_ademamix": 3e-2}
+             "signum": 1e-3, "sgd": 5e-2, "simplified_ademamix": 3e-2,
+             "adan": 1e-2, "radam": 1e-2, "ranger": 1e-2, "stableadamw": 1e-2}
 #: keyword sets that turn each preset's main options on (the default build is always tested too)
 MAIN_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "sgd": [dict(momentum=0.9, weight_decay=1e-3),
@@ -50,6 +51,15 @@ MAIN_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "lion_adv": [dict(weight_decay=0.1, cautious_wd=True, orthogonal_gradient="flattened"),
                  dict(cautious_mask=True, betas=(0.95, 0.98), orthogonal_gradient="iterative"),
                  dict(weight_decay=0.1, centered_wd=0.5, centered_wd_mode="full")],
+    "radam": [dict(weight_decay=1e-2),
+              dict(weight_decay=0.1, decouple_wd=True, betas=(0.8, 0.95)),
+              dict(weight_decay=0.1, decouple_lr=True, max_lr=1e-2)],
+    "ranger": [dict(k=3, alpha=0.6, weight_decay=0.1),
+               dict(k=1, weight_decay=1e-2, decouple_wd=False),
+               dict(k=4, weight_decay=0.1, max_lr=1e-2)],
+    "adan": [dict(weight_decay=0.1, max_lr=1e-2, betas=(0.9, 0.9, 0.99)),
+             dict(weight_decay=0.1, adam_wd=True)],
+    "stableadamw": [dict(weight_decay=0.1, max_lr=1e-2, eps=1e-8)],
 }
 #: terminal keywords; a preset gets the ones it accepts (plain round-to-nearest is also how a preset
 #: without a stochastic_rounding keyword writes, so "nearest" then builds its default)

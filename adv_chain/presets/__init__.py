@@ -3,5 +3,6 @@
 from ._registry import get, keywords, names, register, summary
 from .adv import adamw_adv, adopt_adv, lion_adv, simplified_ademamix
 from .classic import adam, adamw, lion, sgd, signum, terminal
+from .optimi_family import adan, radam, ranger, stableadamw
 
-__all__ = ["get", "keywords", "names", "register", "summary", "sgd", "adam", "adamw", "lion", "signum", "terminal", "adamw_adv", "lion_adv", "adopt_adv", "simplified_ademamix"]
+__all__ = ["get", "keywords", "names", "register", "summary", "sgd", "adam", "adamw", "lion", "signum", "terminal", "adamw_adv", "lion_adv", "adopt_adv", "simplified_ademamix", "adan", "radam", "ranger", "stableadamw"]
