@@ -74,25 +74,10 @@ class _DropIn(ChainOptimizer):
         super().add_param_group(param_group)
 
     def _centered_anchors(self, centered_wd: float) -> None:
-        """adv_optm's centered weight decay: refuse parameters tagged for LoRA/OFT (the reference
-        skips them; adv_chain has no tag mechanism yet), then create every anchor now, at
-        construction, as the reference does (the anchor is the weights at state creation)."""
-        if not centered_wd:
-            return
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                for tag in _CENTERED_SKIP_TAGS:
-                    if getattr(p, tag, False):
-                        raise NotImplementedError(
-                            f"{type(self).__name__}: centered_wd={centered_wd!r} with a parameter tagged {tag} (param "
-                            f"group {gi}, shape {tuple(p.shape)}) is not supported yet: adv_optm exempts such "
-                            "parameters from centered weight decay and adv_chain has no parameter tags yet; use "
-                            "centered_wd=0 or a separate optimizer for them")
-        self.init_state()
-
-
-#: parameter tags adv_optm exempts from centered weight decay (adv_optm_spec.md §7.3, §7.7)
-_CENTERED_SKIP_TAGS = ("_is_lora_A", "_is_lora_B", "_is_oft")
+        """adv_optm's centered weight decay anchors the weights at construction: create every state
+        now (parameters tagged as LoRA factors or OFT blocks get none, see adv_chain._core.tags)."""
+        if centered_wd:
+            self.init_state()
 
 
 class SGD(_DropIn):

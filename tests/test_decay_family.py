@@ -274,12 +274,11 @@ def test_adopt_fisher_wd_reads_the_published_previous_denominator():
 
 @pytest.mark.parametrize("cls", ["AdamW_adv", "Adopt_adv", "Lion_adv"])
 @pytest.mark.parametrize("tag", ["_is_lora_A", "_is_lora_B", "_is_oft"])
-def test_lora_and_oft_tags_are_refused_with_centered_wd(cls, tag):
-    p = torch.nn.Parameter(torch.zeros(3))
+def test_lora_and_oft_tagged_params_get_no_anchor(cls, tag):
+    p = torch.nn.Parameter(torch.ones(3, 2))
     setattr(p, tag, True)
-    with pytest.raises(NotImplementedError, match=tag):
-        getattr(ac.optim, cls)([p], centered_wd=0.1)
-    getattr(ac.optim, cls)([p], centered_wd=0.0)  # no centered decay: nothing to refuse
+    opt = getattr(ac.optim, cls)([p], centered_wd=0.1)  # parity with adv-optm: tests/test_tags.py
+    assert not any(k.startswith("centered_wd/") for k in opt.state[p])
 
 
 def test_drop_in_anchors_are_the_weights_at_construction():

@@ -12,6 +12,7 @@ from .compile import ScalarCache, layout_and_tensors, make_kernel, noise_key_ten
 from .numerics import noise_key
 from .barrier import run_barrier, run_barrier_lagged
 from .plan import Segment, Work, accumulation_transforms, build_plan, flat_view, segment_body
+from .tags import param_tags, with_tags
 from .state import STATE_DTYPES, allocate_state, match_checkpoint, restore_saved_state, state_specs
 from .transform import HostView, StateSpec, Transform
 
@@ -87,6 +88,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._kernels: dict[Any, Callable[..., Any]] = {}
         self._scalar_cache = ScalarCache()
         self._ready: set[torch.Tensor] = set()
+        self._tags: dict[torch.Tensor, frozenset[str]] = {}  # read once per parameter (tags.py)
         self._validated: dict[Any, tuple[Any, Any]] = {}
         self._param_index: dict[torch.Tensor, int] = {}
         #: per-step results of global transforms, e.g. ``step_info["clip_by_global_norm"]["total_norm"]``
@@ -164,11 +166,17 @@ class ChainOptimizer(torch.optim.Optimizer):
         return out
 
     # -- state -------------------------------------------------------------------------------------
-    def _specs(self, p: torch.Tensor, hps: Mapping[str, Mapping[str, Any]]) -> dict[str, StateSpec]:
-        return state_specs(self.chain.transforms, p, hps)
+    def _tags_of(self, p: torch.Tensor, group: Mapping[str, Any]) -> frozenset[str]:
+        tags = self._tags.get(p)
+        if tags is None:
+            tags = self._tags[p] = param_tags(p, group)
+        return tags
 
-    def _init_state(self, p: torch.Tensor, hps: Mapping[str, Mapping[str, Any]]) -> None:
-        allocate_state(self.state[p], p, self._specs(p, hps), self.state_dtype)
+    def _specs(self, p: torch.Tensor, hps: Mapping[str, Mapping[str, Any]], group: Any) -> dict[str, StateSpec]:
+        return state_specs(self.chain.transforms, p, with_tags(hps, self._tags_of(p, group)))
+
+    def _init_state(self, p: torch.Tensor, hps: Mapping[str, Mapping[str, Any]], group: Any) -> None:
+        allocate_state(self.state[p], p, self._specs(p, hps, group), self.state_dtype)
         self._ready.add(p)
 
     def init_state(self) -> None:
@@ -177,7 +185,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             hps = self._resolve_all(group, gi)
             for p in group["params"]:
                 if p not in self._ready:
-                    self._init_state(p, hps)
+                    self._init_state(p, hps, group)
 
     @property
     def _plan(self) -> tuple[Segment, ...]:
@@ -212,21 +220,23 @@ class ChainOptimizer(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"ChainOptimizer: parameter {self._param_index[p]} (shape {tuple(p.shape)}, "
                                        f"group {gi}) has a sparse gradient; adv_chain supports dense gradients only")
+                self._tags_of(p, group)
             todo.append((gi, with_grad, hps))
         works: dict[Any, Work] = {}
         for gi, with_grad, hps in todo:
             for p in with_grad:
                 if p not in self._ready:
-                    self._init_state(p, hps)
+                    self._init_state(p, hps, self.param_groups[gi])
             steps = [self.state[p]["step"] for p in with_grad]
             torch._foreach_add_(steps, 1.0)
             for p, s in zip(with_grad, steps):
                 step = int(s)  # a CPU tensor (torch's non-capturable convention): no device sync
-                key = (gi, p.device, p.dtype, step)
+                tags = self._tags[p]
+                key = (gi, p.device, p.dtype, step, tags)
                 w = works.get(key)
                 if w is None:
                     w = works[key] = Work(gi, step)
-                    w.hps = hps
+                    w.hps = with_tags(hps, tags)
                 w.params.append(p)
                 w.partials.append(None)
                 g = p.grad
@@ -405,7 +415,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         ``ValueError`` listing the differing keys; ``strict=False`` loads the keys both chains share
         and initializes the rest on the next step."""
         def expected_keys(p: torch.Tensor, group: Mapping[str, Any], gi: int) -> set[str]:
-            return set(self._specs(p, self._resolve_all(group, gi))) | {"step"}
+            return set(self._specs(p, self._resolve_all(group, gi), group)) | {"step"}
 
         kept, id_to_param = match_checkpoint(state_dict, self.param_groups, expected_keys, strict)
         super().load_state_dict({**state_dict, "state": kept})

@@ -16,6 +16,7 @@ from .._core import checks
 from .._core.chain import Chain, chain
 from .._core.transform import Transform
 from ._registry import register
+from ._storage import stored
 from .classic import terminal
 
 _ORTHO_MODES = ("disabled", "flattened", "iterative", True, False)
@@ -134,9 +135,9 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     ('orthograd', 'adam', 'weight_decay', 'apply')
     """
     name = "adamw_adv"
-    not_yet(name, spectral_normalization=spectral_normalization,
-            state_precision=state_precision != "auto" and state_precision, factored_2nd=factored_2nd,
-            nnmf_factor=nnmf_factor)
+    not_yet(name, spectral_normalization=spectral_normalization)
+    storage = {"state_precision": state_precision, "nnmf_factor": nnmf_factor, "vector_reshape": vector_reshape,
+               "seed": seed}
     checks.flag(name, "use_AdEMAMix", use_AdEMAMix)
     checks.flag(name, "use_atan2", use_atan2)
     normed = _normed_mode(name, normed_momentum, use_atan2, use_AdEMAMix)
@@ -153,11 +154,14 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     return chain(
         *gradient_stage(name, orthogonal_gradient),
         *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps),
-        T.scale_by_adam(betas=betas, bias_correction=checks.flag(name, "use_bias_correction", use_bias_correction),
-                        nesterov=checks.flag(name, "nesterov", nesterov), nesterov_coef=nesterov_coef,
-                        **({"normed_momentum": normed} if normed else {}),
-                        **({"eps": eps} if normed == "eps" else {})),
-        *((T.ademamix(beta3=beta3_ema, alpha=alpha, slow_bias_correction=True),) if use_AdEMAMix else ()),
+        stored(name, T.scale_by_adam(betas=betas,
+                                     bias_correction=checks.flag(name, "use_bias_correction", use_bias_correction),
+                                     nesterov=checks.flag(name, "nesterov", nesterov), nesterov_coef=nesterov_coef,
+                                     **({"normed_momentum": normed} if normed else {}),
+                                     **({"eps": eps} if normed == "eps" else {})),
+               factored_2nd=factored_2nd, **storage),
+        *((stored(name, T.ademamix(beta3=beta3_ema, alpha=alpha, slow_bias_correction=True), second_moment=False,
+                  **storage),) if use_AdEMAMix else ()),
         *fisher_stage(name, fisher_wd, eps, use_atan2),
         # normed momentum: scale_by_adam already normalized (it publishes no denominator)
         *(() if normed else (T.atan2_scale(bias_correction="outside") if use_atan2 else T.eps_divide(eps),)),
@@ -186,11 +190,10 @@ def lion_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0
     """
     name = "lion_adv"
     not_yet(name, kappa_p=kappa_p != 1.0 and kappa_p, auto_kappa_p=auto_kappa_p, stochastic_sign=stochastic_sign,
-            spectral_normalization=spectral_normalization, nnmf_factor=nnmf_factor,
-            clip_threshold=clip_threshold)
+            spectral_normalization=spectral_normalization, clip_threshold=clip_threshold)
     return chain(
         *gradient_stage(name, orthogonal_gradient),
-        T.scale_by_lion(betas=betas),
+        stored(name, T.scale_by_lion(betas=betas), nnmf_factor=nnmf_factor, vector_reshape=vector_reshape),
         *direction_mask(name, cautious_mask, False),
         decay_stage(weight_decay, cautious_wd),
         *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),
@@ -223,17 +226,18 @@ def adopt_adv(betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6, wei
     """
     name = "adopt_adv"
     fisher_wd = checks.flag(name, "fisher_wd", fisher_wd)
-    not_yet(name, spectral_normalization=spectral_normalization, factored_2nd=factored_2nd,
-            nnmf_factor=nnmf_factor, use_AdEMAMix=use_AdEMAMix, Simplified_AdEMAMix=Simplified_AdEMAMix,
-            state_precision=state_precision != "auto" and state_precision)
+    not_yet(name, spectral_normalization=spectral_normalization, use_AdEMAMix=use_AdEMAMix,
+            Simplified_AdEMAMix=Simplified_AdEMAMix)
     use_atan2 = checks.flag(name, "use_atan2", use_atan2)
     return chain(
         *gradient_stage(name, orthogonal_gradient),
         *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps),
-        T.scale_by_adopt(betas=betas, eps=eps, clip_exponent=clip_exponent, clip_step_offset=-1,
-                         use_atan2=use_atan2, skip_first=not use_atan2,
-                         nesterov=checks.flag(name, "nesterov", nesterov), nesterov_coef=nesterov_coef,
-                         publish_denom=fisher_wd),
+        stored(name, T.scale_by_adopt(betas=betas, eps=eps, clip_exponent=clip_exponent, clip_step_offset=-1,
+                                      use_atan2=use_atan2, skip_first=not use_atan2,
+                                      nesterov=checks.flag(name, "nesterov", nesterov), nesterov_coef=nesterov_coef,
+                                      publish_denom=fisher_wd),
+               state_precision=state_precision, nnmf_factor=nnmf_factor, factored_2nd=factored_2nd,
+               vector_reshape=vector_reshape, seed=seed),
         *fisher_stage(name, fisher_wd, eps, use_atan2),
         *direction_mask(name, cautious_mask, grams_moment),
         decay_stage(weight_decay, cautious_wd),
@@ -260,16 +264,18 @@ def simplified_ademamix(betas: tuple[float, float] = (0.99, 0.999), eps: float =
     ('adam', 'simplified_accumulator', 'eps_divide', 'weight_decay', 'apply')
     """
     name = "simplified_ademamix"
-    not_yet(name, kourkoutas_beta=kourkoutas_beta, nnmf_factor=nnmf_factor)
+    not_yet(name, kourkoutas_beta=kourkoutas_beta)
     beta1, beta2 = checks.beta_pair(name, "betas", betas)
     if beta1 == 0:
         raise ValueError(f"{name}: betas[0]=0 leaves no accumulator; Simplified AdEMAMix needs beta1 in (0, 1)")
     correct = checks.flag(name, "use_bias_correction", use_bias_correction)
     return chain(
         *gradient_stage(name, orthogonal_gradient),
-        T.scale_by_adam(betas=(0.0, beta2), bias_correction=correct),
-        T.simplified_accumulator(beta1=beta1, alpha_grad=alpha_grad, beta1_warmup=beta1_warmup, min_beta1=min_beta1,
-                                 reference_scaling=True, bias_correction=correct),
+        stored(name, T.scale_by_adam(betas=(0.0, beta2), bias_correction=correct), nnmf_factor=nnmf_factor,
+               vector_reshape=vector_reshape),
+        stored(name, T.simplified_accumulator(beta1=beta1, alpha_grad=alpha_grad, beta1_warmup=beta1_warmup,
+                                              min_beta1=min_beta1, reference_scaling=True, bias_correction=correct),
+               nnmf_factor=nnmf_factor, vector_reshape=vector_reshape),
         T.eps_divide(eps),
         decay_stage(weight_decay, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),

@@ -14,6 +14,7 @@ import torch
 
 from .._core import checks
 from .._core import foreach as F
+from .._core.tags import ADAPTER_TAGS
 from .._core.transform import HParam, HostView, StateSpec, Transform
 
 Tensors = list[torch.Tensor]
@@ -201,7 +202,9 @@ class CenteredWeightDecay(Transform):
     anchor-less mode: without an anchor there is nothing to decay toward. Block scales and minima
     are kept in fp32 (adv_optm keeps them in the parameter dtype, bf16 for bf16 models). The
     block-quantized modes need whole tensors (``"tensor"`` scope): the chain then runs that segment
-    on whole tensors instead of cache-sized slices.
+    on whole tensors instead of cache-sized slices. Parameters tagged ``lora_A``, ``lora_B`` or
+    ``oft`` (:mod:`adv_chain._core.tags`) get no anchor and no centered decay, as in adv_optm: an
+    adapter factor has no meaningful "initial weights" to return to.
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.scale_by_adam(), ac.eps_divide(), ac.weight_decay(0.01), ac.centered_wd(0.1, anchor="int8"),
@@ -232,6 +235,8 @@ class CenteredWeightDecay(Transform):
 
     def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
         mode = hp["anchor"]
+        if hp.get("tags", frozenset()) & ADAPTER_TAGS:
+            return {}  # LoRA factors and OFT blocks are not decayed toward an anchor (adv_optm's rule)
         if mode == "full":
             return {"anchor": StateSpec(dtype="param", init="param")}
         if mode == "float8":
@@ -241,6 +246,8 @@ class CenteredWeightDecay(Transform):
                 "anchor_min": StateSpec(build=functools.partial(_build_anchor, mode, "min"))}
 
     def host_scalars(self, h: HostView) -> dict[str, Any]:
+        if h.hp.get("tags", frozenset()) & ADAPTER_TAGS:
+            return {"coef": 0.0}
         return {"coef": h.hp["strength"] * h.lr}
 
     def _anchors(self, b: Any) -> Tensors:

@@ -148,8 +148,8 @@ class Orthograd(Transform):
 
     (``sum_d`` and ``||.||_d`` reduce over dimension ``d``, keeping it.) Every row and column ends
     nearly orthogonal to the weights'; the global norm is only approximately kept. 1-D (and 0-d)
-    parameters, and parameters tagged ``is_vector`` or ``_is_dora_scale`` (as adv_optm reads them),
-    use the flattened formula. This mode needs whole tensors, so it is a tensor-scope transform (a
+    parameters, and parameters tagged ``vector`` or ``dora_scale`` (:mod:`adv_chain._core.tags`; adv_optm's
+    ``is_vector``/``_is_dora_scale`` attributes), use the flattened formula. This mode needs whole tensors, so it is a tensor-scope transform (a
     segment of its own); it computes in fp32, with same-shaped tensors stacked into one batch.
 
     Neither mode writes the user's ``p.grad``.
@@ -199,9 +199,13 @@ class Orthograd(Transform):
                  hp: Mapping[str, Any]) -> dict[str, list[torch.Tensor]]:
         return {"rho": [v[0] for v in values], "scale": [v[1] for v in values]}
 
+    def host_scalars(self, h: HostView) -> dict[str, Any]:
+        # a bucket's parameters share their tags (adv_chain._core.tags): vectors for the iterative mode
+        return {"vector_tagged": bool(h.hp.get("tags", frozenset()) & {"vector", "dora_scale"})}
+
     def update(self, b: Any) -> None:
         if self.args["mode"] == "iterative":
-            b.set_u(_iterative_orthograd(b.params, b.u))
+            b.set_u(_iterative_orthograd(b.params, b.u, b.s("vector_tagged")))
             return
         u = b.own_u()
         w = b.params if b.params[0].dtype == torch.float32 else [p.float() for p in b.params]
@@ -209,19 +213,21 @@ class Orthograd(Transform):
         torch._foreach_mul_(u, b.s("scale"))
 
 
-def _is_vector(p: torch.Tensor) -> bool:
-    """adv_optm's vector test for the iterative mode: fewer than 2 dims, or a vector tag."""
-    return p.dim() < 2 or bool(getattr(p, "is_vector", False)) or bool(getattr(p, "_is_dora_scale", False))
+def _is_vector(p: torch.Tensor, tagged: bool = False) -> bool:
+    """adv_optm's vector test for the iterative mode: fewer than 2 dims, or a vector tag (``is_vector``
+    or ``_is_dora_scale``, on the tensor or in the param group's ``tags``)."""
+    return tagged or p.dim() < 2 or bool(getattr(p, "is_vector", False)) or bool(getattr(p, "_is_dora_scale", False))
 
 
-def _iterative_orthograd(params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+def _iterative_orthograd(params: list[torch.Tensor], grads: list[torch.Tensor],
+                         vector_tagged: bool = False) -> list[torch.Tensor]:
     """Iterative OrthoGrad of every (param, grad) pair: fresh fp32 tensors shaped like the grads.
 
     Tensors are grouped by their view (matrix ``(m, n)`` or vector ``(n,)``) and each group is
     stacked into one batch ``(B, ...)``; all math is fp32 and never touches the inputs."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, p in enumerate(params):
-        view = (p.numel(),) if _is_vector(p) else (p.shape[0], p.numel() // p.shape[0])
+        view = (p.numel(),) if _is_vector(p, vector_tagged) else (p.shape[0], p.numel() // p.shape[0])
         groups.setdefault(view, []).append(i)
     out: list[Any] = [None] * len(params)
     for view, idx in groups.items():

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 import torch
 
 from .._core import checks
+from .._core.tags import ADAPTER_TAGS, param_tags
 from .._core.transform import HParam, HostView, StateSpec, Transform
 
 _LAYER_KEYS = ("tensor", "shape")
@@ -64,13 +65,21 @@ class KourkoutasBeta(Transform):
             raise ValueError(f"{owner}: beta2_min={hp['beta2_min']} must be below beta2_max={hp['beta2_max']}")
 
     def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
+        adapter = sorted(hp.get("tags", frozenset()) & ADAPTER_TAGS)
+        if adapter:
+            raise NotImplementedError(
+                f"{self.type_name}: a parameter of shape {tuple(param.shape)} is tagged {adapter[0]!r}; adv_optm gives "
+                "LoRA factors and OFT blocks one beta2 per rank/block row, which adv_chain does not implement yet: "
+                "put adapter parameters in a param group of an optimizer without kourkoutas_beta")
         specs = {"r_ema": StateSpec(scalar=True)}
         if hp["lag"]:
             specs["sq_norm"] = StateSpec(scalar=True)  # ||g||^2 of the previous step, summed over slices
         return specs
 
     def layer_key(self, param: torch.Tensor, index: int, group: Mapping[str, Any]) -> Any:
-        return tuple(param.shape) if self.args["layer_key"] == "shape" else index
+        if self.args["layer_key"] != "shape" or "dora_scale" in param_tags(param, group):
+            return index  # a DoRA scale is a layer of its own, as in adv_optm
+        return tuple(param.shape)
 
     def host_scalars(self, h: HostView) -> dict[str, Any]:
         warmup, t = h.hp["warmup"], h.step

@@ -1,0 +1,580 @@
+"""Low-memory optimizer state: wrappers that store another transform's declared state compressed.
+
+* :func:`factored_state` keeps every ``factorable`` state tensor as SMMF rank-1 non-negative factors
+  (Park et al., "SMMF: Square-Matricized Momentum Factorization", arXiv 2412.08894), with 1-bit
+  packed signs for signed state (adv_optm's ``nnmf_factor``/``state_precision='factored'``).
+* :func:`low_precision_state` keeps the state in bf16 or fp16 (stochastic rounding) or in int8
+  blocks with one fp32 scale per block (adv_optm's ``state_precision='bf16_sr'``/``'int8_sr'``;
+  its ``'fp16'`` crashes, this one works).
+
+Both run the wrapped transform unchanged: for a few tensors at a time (at most ``chunk_bytes`` of
+dense state, at least one tensor) they rebuild the dense fp32 state as temporaries, run the inner
+``update`` on a part of the bucket in which ``b.state(key)`` returns those temporaries, and store the
+result compressed again. The wrapper takes the inner transform's name, so state keys read
+``"adam/exp_avg:row"``, param-group overrides stay ``"adam.betas"``, and the signals the inner
+transform publishes (``denom``) reach the transforms after it. The direction of a step is computed
+from the full-precision updated state, not from its compressed copy (as SMMF and adv_optm do).
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+
+from .._core.numerics import noise_key, random_bits, stochastic_round
+from .._core.transform import _NAME_RE, HostView, StateSpec, Transform, transform_from_config
+
+_TINY = 1e-12
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+DEFAULT_CHUNK_BYTES = 1 << 24
+LOW_PRECISION_DTYPES = ("bf16", "fp16", "int8")
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_PARTS = ("row", "col", "sign", "zero")
+
+
+def _bad(owner: str, arg: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{owner}: {arg}={value!r} is not allowed; {arg} must be {allowed}")
+
+
+# -- SMMF helpers (spec §4.4) -----------------------------------------------------------------------
+def matrix_shape(numel: int) -> tuple[int, int]:
+    """SMMF's square matricization: ``(numel // i, i)`` with ``i`` the largest divisor of ``numel``
+    not above ``sqrt(numel)`` (so ``d1 >= d2``; a prime ``numel`` gives ``(numel, 1)``).
+
+    >>> matrix_shape(12), matrix_shape(7), matrix_shape(1)
+    ((4, 3), (7, 1), (1, 1))
+    """
+    if numel < 1:
+        raise ValueError(f"matrix_shape: numel={numel!r} must be >= 1")
+    for i in range(math.isqrt(numel), 0, -1):
+        if numel % i == 0:
+            return numel // i, i
+    return numel, 1  # pragma: no cover - i = 1 always divides
+
+
+def nnmf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-1 non-negative factors of a non-negative matrix ``x`` (d1 x d2): row sums ``r`` and
+    column sums ``c``; the factor of the shorter side is divided by its total (at least 1e-12), so
+    ``outer(r, c) = outer(row sums, column sums) / total``.
+
+    >>> r, c = nnmf(torch.tensor([[1., 2., 3.], [4., 5., 6.]]))
+    >>> r.tolist(), c.tolist()
+    ([0.2857142984867096, 0.7142857313156128], [5.0, 7.0, 9.0])
+    """
+    r = x.sum(dim=1, dtype=torch.float32 if x.dtype != torch.float64 else torch.float64)
+    c = x.sum(dim=0, dtype=r.dtype)
+    if x.shape[0] < x.shape[1]:
+        r = r / r.sum().clamp_min(_TINY)
+    else:
+        c = c / c.sum().clamp_min(_TINY)
+    return r, c
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean matrix (d1 x d2) into uint8 (d1 x ceil(d2/8)): element ``8k + j`` of a row
+    is bit ``j`` (value ``2**j``) of byte ``k``; padding bits are 0."""
+    d1, d2 = bits.shape
+    nbytes = (d2 + 7) // 8
+    padded = torch.zeros((d1, nbytes * 8), dtype=torch.uint8, device=bits.device)
+    padded[:, :d2] = bits
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
+    return (padded.view(d1, nbytes, 8) * weights).sum(dim=2, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, d2: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the boolean matrix (d1 x d2)."""
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) & weights) != 0
+    return bits.view(packed.shape[0], -1)[:, :d2]
+
+
+def reconstruct(row: torch.Tensor, col: torch.Tensor, sign: torch.Tensor | None = None,
+                zero: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense matrix ``outer(row, col)``, negated where the packed sign bit is 0, and exactly 0
+    where the packed ``zero`` mask (possibly empty: no exact zeros) is set."""
+    x = torch.outer(row, col)
+    d2 = col.numel()
+    if sign is not None:
+        x = torch.where(unpack_bits(sign, d2), x, -x)
+    if zero is not None and zero.numel():
+        x.masked_fill_(unpack_bits(zero, d2), 0.0)
+    return x
+
+
+def compress(x: torch.Tensor, signed: bool) -> dict[str, torch.Tensor]:
+    """Factors of matrix ``x`` (the inverse of :func:`reconstruct` up to the rank-1 error).
+
+    Signed state keeps ``sign = pack(x > 0)`` and factors ``|x|``. An exact zero is a third sign the
+    bit cannot hold: adv_optm (bug B18) restores it as ``-r_i c_j``, a made-up negative value that
+    keeps moving a weight whose gradient was always zero. Here, when some exact zero lies in a row
+    and a column with non-zero mass (elsewhere the rank-1 value is 0 anyway), a packed 1-bit
+    ``zero`` mask is kept for that step and zeros come back as zeros; otherwise ``zero`` is empty
+    and costs nothing. (Deciding this reads one flag from the device per tensor and step.)
+    """
+    if not signed:
+        r, c = nnmf(x.abs())
+        return {"row": r, "col": c}
+    mag = x.abs()
+    r, c = nnmf(mag)
+    zeros = mag == 0
+    out = {"row": r, "col": c, "sign": pack_bits(x > 0)}
+    stray = zeros & (r > 0).unsqueeze(1) & (c > 0).unsqueeze(0)
+    out["zero"] = pack_bits(zeros) if bool(stray.any()) else torch.empty(0, dtype=torch.uint8, device=x.device)
+    return out
+
+
+def _state_float(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _factored_layout(p: torch.Tensor, vector_reshape: bool) -> tuple[int, int] | None:
+    """The matrix view of ``p``'s state, or ``None`` when it stays dense (empty, or 1-D without
+    ``vector_reshape``, as adv_optm; 0-d tensors are 1 x 1)."""
+    if p.numel() == 0 or (p.dim() == 1 and not vector_reshape):
+        return None
+    return matrix_shape(p.numel())
+
+
+def _build_part(part: str, vector_reshape: bool, p: torch.Tensor) -> torch.Tensor:
+    """Initial (zero) storage of one part of a factored key. A tensor left dense keeps its full state
+    in ``:row`` (shaped like the parameter) and empty other parts, so every parameter of a bucket
+    has the same keys."""
+    layout = _factored_layout(p, vector_reshape)
+    dtype = _state_float(p)
+    if layout is None:
+        if part == "row":
+            return torch.zeros(p.shape, dtype=dtype, device=p.device)
+        return torch.empty(0, dtype=dtype if part == "col" else torch.uint8, device=p.device)
+    d1, d2 = layout
+    if part == "row":
+        return torch.zeros(d1, dtype=dtype, device=p.device)
+    if part == "col":
+        return torch.zeros(d2, dtype=dtype, device=p.device)
+    if part == "sign":
+        return torch.zeros((d1, (d2 + 7) // 8), dtype=torch.uint8, device=p.device)
+    return torch.empty(0, dtype=torch.uint8, device=p.device)  # zero mask: none yet
+
+
+# -- the wrappers ---------------------------------------------------------------------------------
+class _StateWrapper(Transform):
+    """Shared by the state wrappers: takes the inner transform's name, stage, streams, signals and
+    hyperparameters (``args`` *is* the inner transform's ``args``, so the optimizer resolves
+    ``group["betas"]``/``"adam.betas"`` for it unchanged); the wrapper's own options are
+    configuration in ``options``."""
+
+    scope = "tensor"
+    stage = "moment"  # replaced by the inner transform's stage on each instance
+
+    def _setup(self, inner: Any, name: str | None, options: dict[str, Any]) -> None:
+        if isinstance(inner, Mapping):  # from to_config
+            inner = transform_from_config(inner)
+        if not isinstance(inner, Transform):
+            raise ValueError(f"{self.type_name}: inner={inner!r} is not allowed; inner must be a transform such as "
+                             "ac.scale_by_adam()")
+        if inner.terminal or inner.scope not in ("elementwise", "tensor"):
+            raise ValueError(f"{self.type_name}: inner={inner!r} is not allowed; inner must be an elementwise or "
+                             f"per-tensor transform with state (its scope is {inner.scope!r}"
+                             f"{', and it is a terminal' if inner.terminal else ''})")
+        name = inner.name if name is None else name
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ValueError(f"{self.type_name}: name={name!r} is not a valid transform name; use lowercase "
+                             "letters, digits and '_' starting with a letter")
+        for attr, value in (("name", name), ("inner", inner), ("options", MappingProxyType(options)),
+                            ("args", inner.args), ("stage", inner.stage), ("reads", inner.reads),
+                            ("writes", inner.writes), ("consumes", inner.consumes),
+                            ("optional_signals", inner.optional_signals), ("hparams", inner.hparams),
+                            ("static_scalars", inner.static_scalars | self._own_static),
+                            ("excludes", inner.excludes)):
+            object.__setattr__(self, attr, value)
+
+    _own_static: frozenset[str] = frozenset()
+
+    # -- value semantics (inner + options) ------------------------------------------------------------
+    def __eq__(self, other: object) -> bool:
+        return (type(self) is type(other) and self.name == other.name and self.inner == other.inner
+                and dict(self.options) == dict(other.options))
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.name, self.inner, tuple(sorted(self.options.items()))))
+
+    def _defaults(self) -> dict[str, Any]:
+        return {k: v for k, v in self.signature_defaults().items() if k != "inner"}
+
+    def __repr__(self) -> str:
+        defaults = self._defaults()
+        extra = "".join(f", {k}={v!r}" for k, v in self.options.items()
+                        if k in defaults and defaults[k] != v and not (isinstance(v, tuple) and defaults[k] == list(v)))
+        text = f"{self.type_name}({self.inner!r}{extra})"
+        return text if self.name == self.inner.name else f"named({self.name!r}, {text})"
+
+    def non_default_args(self) -> dict[str, Any]:
+        return {"inner": self.inner, **{k: v for k, v in self.options.items() if self._defaults().get(k) != v}}
+
+    def renamed(self, name: str) -> "Transform":
+        return type(self)(self.inner, name=name, **self.options)
+
+    def with_args(self, **changes: Any) -> "Transform":
+        own = {k: v for k, v in changes.items() if k in self.options or k == "inner"}
+        rest = {k: v for k, v in changes.items() if k not in own}
+        inner = own.pop("inner", self.inner)
+        if rest:
+            inner = inner.with_args(**rest)
+        return type(self)(inner, name=self.name, **{**self.options, **own})
+
+    def to_config(self) -> dict[str, Any]:
+        opts = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()}
+        return {"type": self.type_name, "name": self.name, "args": {"inner": self.inner.to_config(), **opts}}
+
+    # -- protocol: the inner transform's, around compressed storage ------------------------------------
+    def check_hparams(self, owner: str, hp: Mapping[str, Any]) -> None:
+        self.inner.check_hparams(owner, hp)
+
+    def host_scalars(self, h: HostView) -> dict[str, Any]:
+        return self.inner.host_scalars(h)
+
+    def _run_inner(self, b: Any, index: list[int], temps: dict[str, list[torch.Tensor]],
+                   private: set[int]) -> Any:
+        """Run the inner transform on tensors ``index`` with ``temps`` as its state; a direction that
+        aliases the private temporaries (momentum's buffer) is the part's own."""
+        sub = b.part(index, temps)
+        self.inner.update(sub)
+        if not sub.u_owned and all(id(x) in private for x in sub.u):
+            sub.set_u(sub.u, owned=True)
+        return sub
+
+    def _chunks(self, b: Any, dense_bytes: list[int]) -> list[list[int]]:
+        """Consecutive tensors grouped under ``chunk_bytes`` of dense state (at least one each)."""
+        limit = self.options["chunk_bytes"]
+        out: list[list[int]] = []
+        total = 0
+        for i, nbytes in enumerate(dense_bytes):
+            if out and total + nbytes <= limit:
+                out[-1].append(i)
+                total += nbytes
+            else:
+                out.append([i])
+                total = nbytes
+        return out
+
+    def _check_chunk_bytes(self, chunk_bytes: Any) -> int:
+        if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes < 1:
+            raise _bad(self.type_name, "chunk_bytes", chunk_bytes, "an int >= 1 (bytes of dense state per chunk)")
+        return chunk_bytes
+
+
+class FactoredState(_StateWrapper):
+    """Store the ``factorable`` state of ``inner`` as SMMF rank-1 factors (spec §4.4, arXiv 2412.08894).
+
+    Each such tensor (``N`` elements) is viewed as the ``d1 x d2`` matrix of :func:`matrix_shape`
+    (square-ish, whatever the parameter's shape, as SMMF and adv_optm do) and stored as
+
+    * ``"<key>:row"`` (``d1`` values) and ``"<key>:col"`` (``d2`` values): the non-negative rank-1
+      factors of ``|state|`` (:func:`nnmf`), fp32;
+    * for signed state (``kind`` ``"signed"``/``"any"``) ``"<key>:sign"``: ``state > 0``, 8 bits
+      per uint8 byte, and ``"<key>:zero"``: where the state is exactly 0, the same way, kept only
+      while such zeros lie among non-zero values (else empty; fixes adv_optm's bug B18, see
+      :func:`compress`).
+
+    1-D parameters keep a dense state unless ``vector_reshape=True`` (adv_optm's default); that
+    dense state sits in ``"<key>:row"`` with the other parts empty, so all parameters share keys.
+    ``keys`` limits factoring to some state keys (``("exp_avg_sq",)``: adv_optm's
+    ``factored_2nd``); other state, and state that is not ``factorable``, passes through unchanged.
+    Every step rebuilds the dense state of a few tensors (at most ``chunk_bytes``), runs ``inner``
+    on it and factors the result again; this step's direction uses the exact updated state.
+    Memory: ``4 (d1 + d2)`` bytes per key, plus ``d1 ceil(d2/8)`` for a signed key. Only ``rank=1``.
+
+    >>> import adv_chain as ac
+    >>> c = ac.chain(ac.factored_state(ac.scale_by_adam()), ac.eps_divide(), ac.apply())
+    >>> c.names, c["adam"]
+    (('adam', 'eps_divide', 'apply'), factored_state(scale_by_adam()))
+    >>> ac.chain_from_config(c.to_config()) == c
+    True
+    """
+
+    type_name = "factored_state"
+    default_name = "factored_state"
+
+    def __init__(self, inner: "Transform | Mapping[str, Any]", rank: int = 1, vector_reshape: bool = False,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, keys: "tuple[str, ...] | None" = None, *,
+                 name: str | None = None) -> None:
+        owner = self.type_name
+        if rank != 1 or isinstance(rank, bool):
+            raise _bad(owner, "rank", rank, "1 (SMMF's rank-1 factorization; higher ranks are not implemented)")
+        if not isinstance(vector_reshape, bool):
+            raise _bad(owner, "vector_reshape", vector_reshape, "True or False")
+        if keys is not None:
+            if isinstance(keys, str) or not all(isinstance(k, str) and k for k in keys) or not keys:
+                raise _bad(owner, "keys", keys, "None (every factorable key) or a non-empty tuple of state keys "
+                           "such as ('exp_avg_sq',)")
+            keys = tuple(keys)
+        self._setup(inner, name, {"rank": rank, "vector_reshape": vector_reshape,
+                                  "chunk_bytes": self._check_chunk_bytes(chunk_bytes), "keys": keys})
+        if keys is not None:
+            # the inner transform's keys need a parameter and hyperparameters; check names we can
+            known = self._probe_keys()
+            unknown = [k for k in keys if known is not None and k not in known]
+            if unknown:
+                raise _bad(owner, "keys", keys, f"a tuple of factorable state keys of {self.inner!r}, "
+                           f"i.e. drawn from {sorted(known)}")
+
+    def _probe_keys(self) -> set[str] | None:
+        """The factorable keys the inner transform declares for a small matrix at its defaults."""
+        try:
+            specs = self.inner.state_specs(torch.zeros(2, 2), dict(self.inner.args))
+        except Exception:  # noqa: BLE001 - a transform that needs more context: skip the check
+            return None
+        return {k for k, s in specs.items() if s.factorable}
+
+    def _factors(self, key: str, spec: StateSpec) -> bool:
+        keys = self.options["keys"]
+        return (spec.factorable and not spec.scalar and spec.build is None
+                and (keys is None or key in keys))
+
+    def state_specs(self, param: torch.Tensor, hp: Mapping[str, Any]) -> dict[str, StateSpec]:
+        out: dict[str, StateSpec] = {}
+        vr = self.options["vector_reshape"]
+        for key, spec in self.inner.state_specs(param, hp).items():
+            if not self._factors(key, spec):
+                out[key] = spec
+                continue
+            signed = spec.kind != "nonneg"
+            for part in _PARTS if signed else _PARTS[:2]:
+                out[f"{key}:{part}"] = StateSpec(kind="nonneg" if part in ("row", "col") else "any",
+                                                 build=_Builder(part, vr))
+        return out
+
+    def update(self, b: Any) -> None:
+        stored = b.own_states()
+        factored = sorted({k.rpartition(":")[0] for k in stored if k.endswith(":row") and k[:-4] + ":col" in stored})
+        parts = {f"{k}:{p}" for k in factored for p in _PARTS}
+        passing = {k: v for k, v in stored.items() if k not in parts}
+        n = len(b.params)
+        dense_bytes = [len(factored) * p.numel() * 4 for p in b.params]
+        done = []
+        for index in self._chunks(b, dense_bytes):
+            temps: dict[str, list[torch.Tensor]] = {k: [v[i] for i in index] for k, v in passing.items()}
+            private: set[int] = set()
+            rebuilt: list[tuple[str, int, torch.Tensor]] = []
+            for key in factored:
+                row, col = stored[f"{key}:row"], stored[f"{key}:col"]
+                sign, zero = stored.get(f"{key}:sign"), stored.get(f"{key}:zero")
+                lst = []
+                for i in index:
+                    if col[i].numel() == 0:  # kept dense: the inner transform works on it in place
+                        lst.append(row[i])
+                        continue
+                    x = reconstruct(row[i], col[i], None if sign is None else sign[i],
+                                    None if zero is None else zero[i]).view(b.params[i].shape)
+                    private.add(id(x))
+                    rebuilt.append((key, i, x))
+                    lst.append(x)
+                temps[key] = lst
+            sub = self._run_inner(b, index, temps, private)
+            for key, i, x in rebuilt:
+                row, col = stored[f"{key}:row"][i], stored[f"{key}:col"][i]
+                sign = stored.get(f"{key}:sign")
+                new = compress(x.reshape(row.numel(), col.numel()), signed=sign is not None)
+                row.copy_(new["row"])
+                col.copy_(new["col"])
+                if sign is not None:
+                    sign[i].copy_(new["sign"])
+                    zero = stored[f"{key}:zero"][i]
+                    if zero.shape != new["zero"].shape or zero.numel():
+                        zero.set_(new["zero"])  # in place: the optimizer's state dict holds this tensor
+            rebuilt.clear()
+            temps.clear()  # free this chunk's dense state before the next one
+            done.append((index, sub))
+        assert sum(len(i) for i, _ in done) == n
+        b.join(done)
+
+
+class _Builder:
+    """Picklable, comparable ``StateSpec.build`` for one part of a factored key."""
+
+    __slots__ = ("part", "vector_reshape")
+
+    def __init__(self, part: str, vector_reshape: bool) -> None:
+        self.part, self.vector_reshape = part, vector_reshape
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        return _build_part(self.part, self.vector_reshape, p)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Builder) and (self.part, self.vector_reshape) == (other.part, other.vector_reshape)
+
+    def __hash__(self) -> int:
+        return hash((self.part, self.vector_reshape))
+
+
+# -- low precision --------------------------------------------------------------------------------
+def _noise(x32: torch.Tensor, key: int) -> torch.Tensor:
+    """Per-element int32 noise keys for ``x32`` (flat fp32): the host key mixed with each value's
+    bits, so that different tensors (and states) at the same step draw different noise."""
+    return x32.view(torch.int32) ^ key
+
+
+def _tensor_key(b: Any, i: int) -> int:
+    """Per-tensor part of the noise key: the terminal's (seed, step, parameter index) key when the
+    executor provides one, else the tensor's position in the bucket."""
+    keys = b.noise_keys
+    if keys is not None and isinstance(keys[i], int):
+        return keys[i]
+    return (i * 0x9E3779B1 + 0x7F4A7C15) & 0x7FFFFFFF
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype, key: int) -> torch.Tensor:
+    """``x`` (any float) stochastically rounded to bf16/fp16 (unbiased), counter-based noise."""
+    flat = x.reshape(-1).to(torch.float32)
+    if flat.numel() == 0:
+        return flat.to(dtype).view(x.shape)
+    return stochastic_round(flat.contiguous(), dtype, 0, _noise(flat.contiguous(), key)).view(x.shape)
+
+
+def quantize_blocks(x: torch.Tensor, signed: bool, block: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise stochastic quantization: per block of ``block`` elements (of the flat tensor; the
+    last one zero-padded) ``scale = max|x| / 127`` (int8) or, for non-negative state,
+    ``max x / 255`` (uint8); ``q = floor(x / scale + u)`` with ``u`` uniform in [0, 1), so
+    ``E[q * scale] = x``. Returns ``q`` (shaped like ``x``) and the fp32 scales."""
+    flat = x.reshape(-1).to(torch.float32).contiguous()
+    n = flat.numel()
+    nblocks = max(1, -(-n // block))
+    padded = torch.zeros(nblocks * block, dtype=torch.float32, device=x.device)
+    padded[:n] = flat
+    blocks = padded.view(nblocks, block)
+    top, lo, hi, dtype = (127.0, -127.0, 127.0, torch.int8) if signed else (255.0, 0.0, 255.0, torch.uint8)
+    scale = (blocks.abs() if signed else blocks.clamp_min(0)).amax(dim=1) / top
+    y = blocks / scale.clamp_min(_TINY).unsqueeze(1)
+    bits = random_bits(padded, 0, _noise(padded, key))
+    uniform = ((bits >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
+    q = torch.floor(y + uniform.view_as(y)).clamp_(lo, hi).to(dtype)
+    return q.view(-1)[:n].view(x.shape), scale
+
+
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    n = q.numel()
+    padded = torch.zeros(scale.numel() * block, dtype=dtype, device=q.device)
+    padded[:n] = q.reshape(-1).to(dtype)
+    return (padded.view(scale.numel(), block) * scale.to(dtype).unsqueeze(1)).view(-1)[:n].view(q.shape)
+
+
+class _LowBuilder:
+    """Initial storage of one low-precision key (``part`` ``"q"`` or ``"scale"``)."""
+
+    __slots__ = ("mode", "part", "signed", "block", "init")
+
+    def __init__(self, mode: str, part: str, signed: bool, block: int, init: str) -> None:
+        self.mode, self.part, self.signed, self.block, self.init = mode, part, signed, block, init
+
+    def _key(self) -> tuple:
+        return (self.mode, self.part, self.signed, self.block, self.init)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _LowBuilder) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        start = p.float() if self.init == "param" else torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        if self.mode in _TORCH_DTYPES:
+            return start.to(_TORCH_DTYPES[self.mode])  # nearest rounding of the initial value
+        q, scale = quantize_blocks(start, self.signed, self.block, 0)
+        return q if self.part == "q" else scale
+
+
+class LowPrecisionState(_StateWrapper):
+    """Store the moment state of ``inner`` (its keys that follow the optimizer's ``state_dtype``
+    policy) in a low-precision format, rounding stochastically (unbiased) at every write:
+
+    * ``dtype="bf16"`` / ``"fp16"``: ``"<key>"`` in bf16/fp16 (adv_optm's ``'bf16_sr'``; its ``'fp16'``
+      crashes unless the gradient is fp16, this one works; fp16 overflows above 65504);
+    * ``dtype="int8"``: ``"<key>"`` as int8 (signed state, ``scale = max|x|/127`` per block) or uint8
+      (``kind="nonneg"`` state, ``max x/255``) and ``"<key>:scale"``, one fp32 scale per block of
+      ``block_size`` elements (adv_optm's ``'int8_sr'`` uses 2048).
+
+    The noise is counter-based (a hash of ``seed``, the step, the key and each value's bits, see
+    :mod:`adv_chain._core.numerics`): reproducible, no generator state, global RNG untouched.
+    Dtypes survive ``state_dict``/``load_state_dict``.
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.low_precision_state(ac.scale_by_adam(), "int8"), ac.eps_divide(), ac.apply())["adam"]
+    low_precision_state(scale_by_adam(), dtype='int8')
+    """
+
+    type_name = "low_precision_state"
+    default_name = "low_precision_state"
+    _own_static = frozenset({"sr_step"})
+
+    def __init__(self, inner: "Transform | Mapping[str, Any]", dtype: str = "bf16", block_size: int = 256,
+                 seed: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, name: str | None = None) -> None:
+        owner = self.type_name
+        if dtype not in LOW_PRECISION_DTYPES:
+            raise _bad(owner, "dtype", dtype, f"one of {LOW_PRECISION_DTYPES}")
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise _bad(owner, "block_size", block_size, "an int >= 1 (elements per int8 block)")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise _bad(owner, "seed", seed, "an int >= 0")
+        self._setup(inner, name, {"dtype": dtype, "block_size": block_size, "seed": seed,
+                                  "chunk_bytes": self._check_chunk_bytes(chunk_bytes)})
+
+    def host_scalars(self, h: HostView) -> dict[str, Any]:
+        return {**self.inner.host_scalars(h), "sr_step": h.step}
+
+    @staticmethod
+    def _stores(spec: StateSpec) -> bool:
+        return spec.dtype == "state" and not spec.scalar and spec.build is None and spec.init in ("zeros", "param")
+
+    def state_specs(self, param: torch.Tensor, hp: Mapping[str, Any]) -> dict[str, StateSpec]:
+        mode, block = self.options["dtype"], self.options["block_size"]
+        out: dict[str, StateSpec] = {}
+        for key, spec in self.inner.state_specs(param, hp).items():
+            if not self._stores(spec) or param.dtype == torch.float64:
+                out[key] = spec
+                continue
+            signed = spec.kind != "nonneg"
+            out[key] = StateSpec(kind=spec.kind, build=_LowBuilder(mode, "q", signed, block, spec.init))
+            if mode == "int8":
+                out[f"{key}:scale"] = StateSpec(kind="nonneg", build=_LowBuilder(mode, "scale", signed, block, spec.init))
+        return out
+
+    def update(self, b: Any) -> None:
+        stored = b.own_states()
+        mode, block = self.options["dtype"], self.options["block_size"]
+        low = (torch.int8, torch.uint8) if mode == "int8" else (_TORCH_DTYPES[mode],)
+        keys = sorted(k for k, v in stored.items() if ":" not in k and v and v[0].dtype in low)
+        step = b.s("sr_step")
+        step = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+        hkeys = {k: noise_key(self.options["seed"], step, zlib.crc32(k.encode())) for k in keys}
+        dense_bytes = [len(keys) * p.numel() * 4 for p in b.params]
+        done = []
+        for index in self._chunks(b, dense_bytes):
+            temps: dict[str, list[torch.Tensor]] = {k: [v[i] for i in index] for k, v in stored.items()}
+            private: set[int] = set()
+            for key in keys:
+                if mode == "int8":
+                    scales = stored[f"{key}:scale"]
+                    temps[key] = [dequantize_blocks(stored[key][i], scales[i], block, torch.float32) for i in index]
+                else:
+                    temps[key] = [stored[key][i].float() for i in index]
+                private.update(id(x) for x in temps[key])
+            sub = self._run_inner(b, index, temps, private)
+            for key in keys:
+                for j, i in enumerate(index):
+                    x = temps[key][j]
+                    hk = hkeys[key] ^ _tensor_key(b, i)
+                    if mode == "int8":
+                        q, scale = quantize_blocks(x, stored[key][i].dtype == torch.int8, block, hk)
+                        stored[key][i].copy_(q)
+                        stored[f"{key}:scale"][i].copy_(scale)
+                    else:
+                        stored[key][i].copy_(round_to(x, stored[key][i].dtype, hk))
+            temps.clear()
+            done.append((index, sub))
+        b.join(done)
+
+
+factored_state = FactoredState
+low_precision_state = LowPrecisionState

@@ -1,0 +1,386 @@
+"""Low-memory state: factored_state (SMMF rank-1 factors + 1-bit signs), low_precision_state
+(bf16 / fp16 / int8 blocks with stochastic rounding), memory_report, and the reference keywords."""
+import io
+
+import adv_optm
+import pytest
+import torch
+
+import adv_chain as ac
+from adv_chain.transforms.state_compression import (compress, dequantize_blocks, matrix_shape, nnmf, pack_bits,
+                                                    quantize_blocks, reconstruct, round_to, unpack_bits)
+
+
+# -- the formulas, by hand ----------------------------------------------------------------------------
+def test_matrix_shape_is_the_square_matricization():
+    assert matrix_shape(6) == (3, 2)
+    assert matrix_shape(320) == (20, 16)
+    assert matrix_shape(7) == (7, 1)      # prime: N x 1, stored exactly
+    assert matrix_shape(1) == (1, 1)      # 0-d tensors
+    assert matrix_shape(4194304) == (2048, 2048)
+
+
+def test_rank1_factors_of_a_2x3_matrix_by_hand():
+    x = torch.tensor([[1., 2., 3.], [4., 5., 6.]])
+    r, c = nnmf(x)
+    # d1 = 2 < d2 = 3: the row factor is normalized by the total 21
+    torch.testing.assert_close(r, torch.tensor([6 / 21, 15 / 21]))
+    torch.testing.assert_close(c, torch.tensor([5., 7., 9.]))
+    torch.testing.assert_close(reconstruct(r, c), torch.tensor([[30., 42., 54.], [75., 105., 135.]]) / 21)
+    # d1 >= d2: the column factor is normalized
+    r, c = nnmf(x.T.contiguous())
+    torch.testing.assert_close(r, torch.tensor([5., 7., 9.]))
+    torch.testing.assert_close(c, torch.tensor([6 / 21, 15 / 21]))
+    # a rank-1 matrix comes back exactly
+    y = torch.outer(torch.tensor([1., 2.]), torch.tensor([3., 0.5, 1.]))
+    torch.testing.assert_close(reconstruct(*nnmf(y)), y)
+
+
+def test_signed_2x3_by_hand_and_the_b18_fix():
+    m = torch.tensor([[1., -2., 0.], [-4., 5., 6.]])
+    parts = compress(m, signed=True)
+    # |m| = [[1, 2, 0], [4, 5, 6]]: row sums 3, 15 (total 18), column sums 5, 7, 6
+    torch.testing.assert_close(parts["row"], torch.tensor([3 / 18, 15 / 18]))
+    torch.testing.assert_close(parts["col"], torch.tensor([5., 7., 6.]))
+    assert parts["sign"].tolist() == [[0b001], [0b110]]          # m > 0, LSB first
+    ours = reconstruct(parts["row"], parts["col"], parts["sign"], parts["zero"])
+    expected = torch.tensor([[5 / 6, -7 / 6, 0.0], [-25 / 6, 35 / 6, 5.0]])
+    torch.testing.assert_close(ours, expected)
+    # adv_optm (bug B18) restores the exact zero as -r_0 c_2 = -1.0
+    reference = reconstruct(parts["row"], parts["col"], parts["sign"])
+    assert reference[0, 2].item() == pytest.approx(-1.0)
+    # no stray zero (only whole zero rows/columns): the zero mask is empty and costs nothing
+    assert compress(torch.tensor([[0., 0.], [1., -2.]]), signed=True)["zero"].numel() == 0
+
+
+def test_sign_packing_round_trip():
+    bits = torch.tensor([[True, False, True, False, False, False, False, False, True]])
+    packed = pack_bits(bits)
+    assert packed.dtype == torch.uint8 and packed.tolist() == [[5, 1]]
+    assert torch.equal(unpack_bits(packed, 9), bits)
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(5, 13), (1, 8), (7, 1), (3, 16)]:
+        b = torch.rand(shape, generator=gen) > 0.5
+        p = pack_bits(b)
+        assert p.shape == (shape[0], (shape[1] + 7) // 8)
+        assert torch.equal(unpack_bits(p, shape[1]), b)
+
+
+# -- parity with adv_optm 2.5.16 ----------------------------------------------------------------------
+def _train(make, steps=25):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(),
+                                torch.nn.Linear(32, 3))
+    opt = make(model.parameters())
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps, cycle_momentum=False)
+    x, y = torch.randn(64, 10), torch.randn(64, 3)
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        opt.step()
+        sched.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+PARITY = [
+    ("AdamW_adv", {"nnmf_factor": True}),
+    ("AdamW_adv", {"state_precision": "factored", "vector_reshape": True, "use_atan2": True, "weight_decay": 0.1}),
+    ("AdamW_adv", {"factored_2nd": True}),
+    ("AdamW_adv", {"factored_2nd": True, "nesterov": True, "vector_reshape": True}),
+    ("Lion_adv", {"nnmf_factor": True}),
+    ("Lion_adv", {"nnmf_factor": True, "vector_reshape": True, "weight_decay": 0.1}),
+    ("Adopt_adv", {"nnmf_factor": True}),
+    ("Adopt_adv", {"factored_2nd": True}),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs", PARITY, ids=lambda v: v if isinstance(v, str) else
+                         ",".join(f"{k}={x}" for k, x in v.items()))
+def test_factored_drop_ins_match_adv_optm_2_5_16(cls, kwargs):
+    lr = 1e-3 if cls == "Lion_adv" else 1e-2
+    ref = _train(lambda p: getattr(adv_optm, cls)(p, lr=lr, **kwargs))
+    ours = _train(lambda p: getattr(ac.optim, cls)(p, lr=lr, **kwargs))
+    for a, b in zip(ref, ours):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_b18_a_weight_whose_gradient_is_always_zero_stays_put():
+    """adv_optm restores the zero first moment of a never-used weight as -r c and moves it; ours
+    keeps the zero exact, as dense AdamW does."""
+    def run(make):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(4, 6))
+        mask = torch.ones(4, 6)
+        mask[1, 2] = 0.0  # this weight never gets a gradient
+        opt = make([w])
+        for _ in range(5):
+            opt.zero_grad()
+            (w * mask * torch.randn(4, 6)).sum().backward()
+            opt.step()
+        return w.detach()
+
+    torch.manual_seed(0)
+    start = torch.randn(4, 6)
+    ref = run(lambda p: adv_optm.AdamW_adv(p, lr=1e-2, nnmf_factor=True))
+    ours = run(lambda p: ac.optim.AdamW_adv(p, lr=1e-2, nnmf_factor=True))
+    dense = run(lambda p: ac.optim.AdamW_adv(p, lr=1e-2))
+    assert ours[1, 2] == start[1, 2] == dense[1, 2]
+    assert ref[1, 2] != start[1, 2]
+    assert (ref[1, 2] - start[1, 2]).abs() > 1e-3
+
+
+# -- the wrapper: keys, config, hyperparameters, signals, chunking ---------------------------------------
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Linear(5, 3).to(dtype)
+
+
+def _steps(model, opt, n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randn(16, 5, generator=gen).to(next(model.parameters()).dtype)
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        opt.step()
+
+
+def test_keys_repr_and_config_round_trip():
+    c = ac.chain(ac.factored_state(ac.scale_by_adam()), ac.eps_divide(), ac.apply())
+    assert c.names == ("adam", "eps_divide", "apply")
+    assert repr(c["adam"]) == "factored_state(scale_by_adam())"
+    assert ac.chain_from_config(c.to_json()) == c
+    v = ac.factored_state(ac.scale_by_adam(betas=(0.8, 0.9)), vector_reshape=True, keys=("exp_avg_sq",))
+    assert repr(v) == "factored_state(scale_by_adam(betas=(0.8, 0.9)), vector_reshape=True, keys=('exp_avg_sq',))"
+    assert ac.chain_from_config(ac.chain(v, ac.eps_divide(), ac.apply()).to_config())["adam"] == v
+    assert v.with_args(betas=(0.5, 0.9)).inner == ac.scale_by_adam(betas=(0.5, 0.9))
+    assert ac.named("adam2", v).name == "adam2"
+    lp = ac.low_precision_state(ac.scale_by_lion(), "int8")
+    assert ac.chain_from_config(ac.chain(lp, ac.apply()).to_config())["lion"] == lp
+    model = _model()
+    opt = ac.ChainOptimizer(model.parameters(), c, lr=1e-2)
+    _steps(model, opt, 1)
+    assert set(opt.state[model.weight]) == {"step", "adam/exp_avg:row", "adam/exp_avg:col", "adam/exp_avg:sign",
+                                            "adam/exp_avg:zero", "adam/exp_avg_sq:row", "adam/exp_avg_sq:col"}
+    assert opt.state[model.weight]["adam/exp_avg:sign"].dtype == torch.uint8
+    assert opt.state[model.weight]["adam/exp_avg:row"].shape == (5,)   # 15 elements -> 5 x 3
+    # a 1-D bias keeps its dense state in ":row" (same keys for every parameter of a bucket)
+    assert opt.state[model.bias]["adam/exp_avg:row"].shape == (3,)
+    assert opt.state[model.bias]["adam/exp_avg:col"].numel() == 0
+
+
+def test_group_hyperparameters_reach_the_inner_transform():
+    def run(chain, groups):
+        model = _model()
+        opt = ac.ChainOptimizer(groups(model), chain, lr=1e-2)
+        _steps(model, opt, 4)
+        return [p.detach().clone() for p in model.parameters()]
+
+    tail = (ac.eps_divide(), ac.apply())
+    want = run(ac.chain(ac.factored_state(ac.scale_by_adam(betas=(0.5, 0.9))), *tail), lambda m: m.parameters())
+    plain = run(ac.chain(ac.factored_state(ac.scale_by_adam()), *tail),
+                lambda m: [{"params": list(m.parameters()), "betas": (0.5, 0.9)}])
+    namespaced = run(ac.chain(ac.factored_state(ac.scale_by_adam()), *tail),
+                     lambda m: [{"params": list(m.parameters()), "adam.betas": (0.5, 0.9)}])
+    for a, b, c in zip(want, plain, namespaced):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_chunking_does_not_change_the_numbers():
+    def run(chunk_bytes):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 3))
+        opt = ac.ChainOptimizer(model.parameters(), ac.chain(
+            ac.factored_state(ac.scale_by_adam(), chunk_bytes=chunk_bytes), ac.atan2_scale(),
+            ac.weight_decay(0.1), ac.apply()), lr=1e-2)
+        x = torch.randn(8, 10)
+        for _ in range(5):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(1), run(1 << 30)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("inner", ["adam+ademamix", "lion", "momentum", "adopt", "adam_amsgrad"])
+def test_factored_state_composes_with_moment_transforms(inner):
+    tails = {
+        "adam+ademamix": (ac.factored_state(ac.scale_by_adam()), ac.factored_state(ac.ademamix(alpha=2.0)),
+                          ac.eps_divide(), ac.apply()),
+        "lion": (ac.factored_state(ac.scale_by_lion()), ac.weight_decay(0.01), ac.apply()),
+        "momentum": (ac.factored_state(ac.momentum(0.9)), ac.apply()),
+        "adopt": (ac.factored_state(ac.scale_by_adopt(), vector_reshape=True), ac.apply()),
+        "adam_amsgrad": (ac.factored_state(ac.scale_by_adam(amsgrad=True)), ac.eps_divide(), ac.cautious(),
+                         ac.apply()),
+    }
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    w = torch.randn(8, 1)
+    x = torch.randn(128, 8)
+    y = x @ w
+    opt = ac.ChainOptimizer(model.parameters(), ac.chain(*tails[inner]), lr=3e-3 if inner == "lion" else 1e-2)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_zero_dim_parameter_and_dry_step():
+    s = torch.nn.Parameter(torch.tensor(1.5))
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    opt = ac.optim.AdamW_adv([s, w], lr=0.0, nnmf_factor=True)
+    before = [s.detach().clone(), w.detach().clone()]
+    for p in (s, w):
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(s, before[0]) and torch.equal(w, before[1])
+    assert opt.state[s]["adam/exp_avg:row"].shape == (1,)  # 0-d: 1 x 1
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("kwargs", [{"nnmf_factor": True}, {"factored_2nd": True, "state_precision": "bf16_sr"},
+                                    {"state_precision": "int8_sr"}, {"state_precision": "fp16"}])
+def test_save_load_continue_is_bit_identical_with_bf16_params(kwargs):
+    model = _model(torch.bfloat16)
+    opt = ac.optim.AdamW_adv(model.parameters(), lr=1e-2, weight_decay=0.1, **kwargs)
+    _steps(model, opt, 3)
+    sd = _roundtrip(opt.state_dict())
+    dtypes = {k: v.dtype for k, v in opt.state[model.weight].items()}
+    twin = _model(torch.bfloat16)
+    twin.load_state_dict(model.state_dict())
+    opt2 = ac.optim.AdamW_adv(twin.parameters(), lr=1e-2, weight_decay=0.1, **kwargs)
+    opt2.load_state_dict(sd)
+    assert {k: v.dtype for k, v in opt2.state[twin.weight].items()} == dtypes
+    if "nnmf_factor" in kwargs:
+        assert dtypes["adam/exp_avg:sign"] == torch.uint8 and dtypes["adam/exp_avg:row"] == torch.float32
+    if kwargs.get("state_precision") == "int8_sr":
+        assert dtypes["adam/exp_avg"] == torch.int8 and dtypes["adam/exp_avg_sq"] == torch.uint8
+        assert dtypes["adam/exp_avg:scale"] == torch.float32
+    if kwargs.get("state_precision") == "bf16_sr":
+        assert dtypes["adam/exp_avg"] == torch.bfloat16 and dtypes["adam/exp_avg_sq:row"] == torch.float32
+    _steps(model, opt, 3, seed=1)
+    _steps(twin, opt2, 3, seed=1)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    for key, value in opt.state[model.weight].items():
+        assert torch.equal(value, opt2.state[twin.weight][key]), key
+
+
+# -- low precision ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_of_state_is_unbiased(dtype):
+    x = torch.tensor([1.0 + 1 / 3, -0.1234567, 3.14159e-3, 1e-4 + 1e-7], dtype=torch.float32)
+    draws = torch.stack([round_to(x, dtype, key).float() for key in range(4000)])
+    assert draws.dtype == torch.float32
+    nearest = x.to(dtype).float()
+    spacing = (torch.nextafter(x.to(dtype), torch.full_like(x, float("inf")).to(dtype)).float() - nearest).abs()
+    # the mean is within a few standard errors of x, far closer than nearest rounding gets
+    assert ((draws.mean(0) - x).abs() <= 0.05 * spacing).all()
+    assert ((draws.mean(0) - x).abs() < (nearest - x).abs()).all()
+    assert len(set(draws[:, 0].tolist())) == 2  # one of the two neighbours
+
+
+def test_int8_block_quantization_is_unbiased_and_blockwise():
+    x = torch.cat([torch.linspace(-1, 1, 300), torch.linspace(-1e-3, 1e-3, 212)])
+    q, scale = quantize_blocks(x, signed=True, block=256, key=7)
+    assert q.dtype == torch.int8 and scale.shape == (2,) and scale.dtype == torch.float32
+    torch.testing.assert_close(scale, torch.tensor([1 / 127, 1 / 127]))
+    mean = torch.stack([dequantize_blocks(*quantize_blocks(x, True, 256, k), 256, torch.float32)
+                        for k in range(3000)]).mean(0)
+    assert ((mean - x).abs() <= 0.05 * scale.repeat_interleave(256)[:512]).all()
+    v = torch.rand(100) * 5
+    qv, sv = quantize_blocks(v, signed=False, block=64, key=1)
+    assert qv.dtype == torch.uint8 and sv.shape == (2,)
+    assert ((dequantize_blocks(qv, sv, 64, torch.float32) - v).abs() <= sv.repeat_interleave(64)[:100] + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "int8"])
+def test_low_precision_state_still_trains(dtype):
+    def run(wrap):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+        x = torch.randn(256, 8)
+        y = torch.sin(x.sum(1, keepdim=True))
+        opt = ac.ChainOptimizer(model.parameters(), ac.chain(wrap(ac.scale_by_adam()), ac.eps_divide(1e-8),
+                                                             ac.apply()), lr=1e-2)
+        for _ in range(150):
+            opt.zero_grad()
+            loss = (model(x) - y).square().mean()
+            loss.backward()
+            opt.step()
+        return loss.item(), opt, model
+
+    base, _, _ = run(lambda t: t)
+    low, opt, model = run(lambda t: ac.low_precision_state(t, dtype))
+    assert low < 0.1
+    if dtype == "bf16":  # fp16's tiny second moments (below 6e-8) and int8's small ones (below a block's
+        assert low < 2.0 * base + 0.01  # max / 255) round to 0 or a few steps: noisier, still converging
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}[dtype]
+    assert opt.state[model[0].weight]["adam/exp_avg"].dtype == want
+
+
+# -- memory_report ---------------------------------------------------------------------------------------
+def test_memory_report_counts_bytes_by_hand():
+    model = _model()  # weight 3 x 5 (15 elements -> 5 x 3 matrix), bias 3 (left dense)
+    opt = ac.optim.AdamW_adv(model.parameters(), lr=1e-2, nnmf_factor=True)
+    _steps(model, opt, 1)
+    r = ac.memory_report(opt)
+    assert r.per_key == {
+        "adam/exp_avg_sq:row": 5 * 4 + 3 * 4, "adam/exp_avg_sq:col": 3 * 4,
+        "adam/exp_avg:row": 5 * 4 + 3 * 4, "adam/exp_avg:col": 3 * 4,
+        "adam/exp_avg:sign": 5 * 1, "adam/exp_avg:zero": 0}
+    assert r.per_transform == {"adam": 93} and r.total == 93 and r.params == 18
+    assert r.bytes_per_param == pytest.approx(93 / 18)
+    assert r.ratio_to_adamw == pytest.approx(93 / 144)
+    text = str(r)
+    assert "adam/exp_avg:sign" in text and "93" in text and "0.6458" in text
+    dense = ac.optim.AdamW_adv(model.parameters(), lr=1e-2)
+    dense.init_state()
+    assert ac.memory_report(dense).ratio_to_adamw == 1.0
+    int8 = ac.optim.AdamW_adv(model.parameters(), lr=1e-2, state_precision="int8_sr")
+    int8.init_state()
+    # 2 moments x (18 one-byte values + one fp32 scale per tensor: 2048-element blocks)
+    assert ac.memory_report(int8).total == 2 * (18 + 2 * 4)
+
+
+# -- arguments ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make,words", [
+    (lambda: ac.factored_state(ac.scale_by_adam(), rank=2), ["rank=2", "1"]),
+    (lambda: ac.factored_state(ac.scale_by_adam(), vector_reshape="yes"), ["vector_reshape='yes'", "True or False"]),
+    (lambda: ac.factored_state(ac.scale_by_adam(), keys=("nope",)), ["keys=('nope',)", "exp_avg_sq"]),
+    (lambda: ac.factored_state(ac.scale_by_adam(), chunk_bytes=0), ["chunk_bytes=0", ">= 1"]),
+    (lambda: ac.factored_state(ac.apply()), ["inner=apply()", "terminal"]),
+    (lambda: ac.factored_state("adam"), ["inner='adam'", "transform"]),
+    (lambda: ac.low_precision_state(ac.scale_by_adam(), "int4"), ["dtype='int4'", "'bf16', 'fp16', 'int8'"]),
+    (lambda: ac.low_precision_state(ac.scale_by_adam(), "int8", block_size=0), ["block_size=0", ">= 1"]),
+    (lambda: ac.presets.adamw_adv(state_precision="fp8"), ["state_precision='fp8'", "'bf16_sr'", "'factored'"]),
+    (lambda: ac.presets.lion_adv(nnmf_factor="yes"), ["nnmf_factor"]),
+])
+def test_bad_arguments_are_value_errors_naming_argument_value_and_allowed(make, words):
+    with pytest.raises(ValueError) as err:
+        make()
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_reference_keywords_build_the_wrappers():
+    assert isinstance(ac.presets.adamw_adv(nnmf_factor=True)["adam"], type(ac.factored_state(ac.scale_by_adam())))
+    assert ac.presets.adamw_adv(state_precision="FACTORED") == ac.presets.adamw_adv(nnmf_factor=True)
+    assert ac.presets.adamw_adv(factored_2nd=True)["adam"].options["keys"] == ("exp_avg_sq",)
+    assert ac.presets.adamw_adv(state_precision="fp32") == ac.presets.adamw_adv()
+    assert ac.presets.adopt_adv(state_precision="int8_sr")["adopt"].options["block_size"] == 2048
+    assert ac.presets.simplified_ademamix(nnmf_factor=True).names == ac.presets.simplified_ademamix().names
+    assert ac.presets.lion_adv(nnmf_factor=True, vector_reshape=True)["lion"].options["vector_reshape"] is True
