@@ -404,9 +404,16 @@ class ChainOptimizer(torch.optim.Optimizer):
         if self._compile_options is not None:
             scalars = tensor_scalars(self._scalar_cache, w, seg.transforms)
             keys = noise_key_tensors(self._scalar_cache, w)
-        pieces = [(i, None, None) for i in range(len(w.params))]
-        self._run_pieces(si, seg, w, pieces, source, w.full_u is not None,
-                         self._seg_states(seg, w), scalars, keys)
+        # whole tensors, a few at a time: temporaries stay near one group's size (compiled: one call
+        # per group of same-sized tensors, as in _run_chunked)
+        batches: dict[Any, list[tuple[int, Any, Any]]] = {}
+        total = 0
+        for i, p in enumerate(w.params):
+            key = p.numel() if self._compile_options is not None else total // self._group_elems
+            batches.setdefault(key, []).append((i, None, None))
+            total += p.numel()
+        for pieces in batches.values():
+            self._run_pieces(si, seg, w, pieces, source, w.full_u is not None, self._seg_states(seg, w), scalars, keys)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
