@@ -16,6 +16,7 @@ from .transforms import (add_l2, ademamix, apply, atan2_scale, cautious, cautiou
 from .transforms import lookahead, proximal_wd, scale_by_adan, scale_by_radam, stable_clip
 from .transforms import factored_state, low_precision_state
 
+from .transforms import prodigy
 
 __version__ = "0.1.0"
 
@@ -29,3 +30,4 @@ __all__ = [
     "scale_by_radam", "scale_by_adan", "proximal_wd", "stable_clip", "lookahead",
     "factored_state", "low_precision_state", "memory_report", "MemoryReport",
 ]
+__all__ += ["prodigy"]

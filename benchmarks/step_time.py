@@ -108,6 +108,10 @@ ROWS = [
     Row("adv_optm AdamW_adv", lambda p: import_peer("adv_optm").AdamW_adv(p, lr=LR, weight_decay=WEIGHT_DECAY).step),
     Row("adv_chain adamw (eager)", adv_chain_adamw(compile=False)),
     Row("adv_chain adamw (compile=True)", adv_chain_adamw(compile=True), compiles=True),
+    Row("prodigyopt Prodigy", lambda p: import_peer("prodigyopt").Prodigy(p, lr=1.0, weight_decay=WEIGHT_DECAY).step),
+    Row("adv_optm Prodigy_adv", lambda p: import_peer("adv_optm").Prodigy_adv(p, lr=1.0, weight_decay=WEIGHT_DECAY).step),
+    Row("adv_chain Prodigy (eager)",
+        lambda p: import_peer("adv_chain").optim.Prodigy(p, lr=1.0, weight_decay=WEIGHT_DECAY).step),
     Row(SIX_CHAIN, momentum_chain(with_noops=True)),
     Row(TWO_CHAIN, momentum_chain(with_noops=False)),
 ]

@@ -182,8 +182,26 @@ class Transform:
     def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
                  hp: Mapping[str, Any]) -> dict[str, "torch.Tensor | list[torch.Tensor]"]:
         """Combine every parameter's ``reduce`` value (in a fixed order, with its layer key) into
-        scalars for ``update``: a tensor shared by all parameters, or a list aligned with ``values``."""
+        scalars for ``update``: a tensor shared by all parameters, or a list aligned with ``values``.
+        With :meth:`group_state`, ``hp`` also holds the current group state under its keys, and a
+        returned key of the group state is its next value (stored, not passed to ``update``)."""
         raise NotImplementedError  # pragma: no cover - abstract
+
+    # global scope only: scalars that outlive a step (Prodigy's d), kept in the param groups
+    #: plain param-group keys that mirror a group-state key after each step (``{"d": "d"}``)
+    group_mirrors: ClassVar[Mapping[str, str]] = {}
+
+    def group_state(self, hp: Mapping[str, Any]) -> dict[str, float]:
+        """The global scalars this transform keeps across steps, with their initial values. They
+        live in every param group under ``"<name>/<key>"`` as 0-d tensors (so they are saved with
+        ``state_dict``, need no host sync, and a param group may set them); the barrier loads them
+        before ``reduce`` (see :meth:`state_scalars`) and stores what ``finalize`` returns for them."""
+        return {}
+
+    def state_scalars(self, state: Mapping[str, torch.Tensor], h: "HostView") -> dict[str, Any]:
+        """Scalars for ``reduce`` and ``update`` from the current group state (0-d tensors on the
+        bucket's device), once per bucket and step; by default the state values themselves."""
+        return dict(state)
 
 
 @dataclass

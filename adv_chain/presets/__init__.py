@@ -6,3 +6,6 @@ from .classic import adam, adamw, lion, sgd, signum, terminal
 from .optimi_family import adan, radam, ranger, stableadamw
 
 __all__ = ["get", "keywords", "names", "register", "summary", "sgd", "adam", "adamw", "lion", "signum", "terminal", "adamw_adv", "lion_adv", "adopt_adv", "simplified_ademamix", "adan", "radam", "ranger", "stableadamw"]
+from .prodigy import prodigy, prodigy_adv  # noqa: E402
+
+__all__ += ["prodigy", "prodigy_adv"]

@@ -15,4 +15,6 @@ __all__ = ["apply", "kahan_apply", "stochastic_round_apply", "weight_decay", "ad
            "centered_wd", "fisher_wd",
            "scale_by_radam", "scale_by_adan", "proximal_wd", "stable_clip", "lookahead",
            "factored_state", "low_precision_state"]
+from .prodigy import prodigy  # noqa: E402  (Prodigy's global D-adaptation, arXiv 2306.06101)
 
+__all__ += ["prodigy"]

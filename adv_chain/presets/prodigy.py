@@ -1,0 +1,100 @@
+"""Prodigy presets (Mishchenko & Defazio, arXiv 2306.06101): prodigyopt's ``Prodigy`` and adv_optm's
+``Prodigy_adv``, both around the global :func:`adv_chain.prodigy` transform."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import transforms as T
+from .._core import checks
+from .._core.chain import Chain, chain
+from ._registry import register
+from .adv import decay_stage, gradient_stage, not_yet
+from .classic import terminal
+
+
+def _fsdp(preset: str, fsdp_in_use: bool) -> None:
+    if checks.flag(preset, "fsdp_in_use", fsdp_in_use):
+        raise NotImplementedError(f"{preset}: fsdp_in_use=True (all-reducing Prodigy's sums across ranks) is not "
+                                  "implemented yet; adv_chain's Prodigy sums over the parameters of this process")
+
+
+@register
+def prodigy(betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = None, eps: float = 1e-8,
+            weight_decay: float = 0.0, decouple: bool = True, use_bias_correction: bool = False,
+            safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf,
+            fsdp_in_use: bool = False, slice_p: int = 1, stochastic_rounding: bool = False,
+            kahan_sum: bool = False) -> Chain:
+    """Prodigy as ``prodigyopt.Prodigy`` 1.1.2 computes it (same keywords and defaults; use ``lr=1``):
+    Adam with the step size ``d * lr`` estimated by :func:`adv_chain.prodigy` from all parameters.
+    ``decouple=True`` decays the weights by ``d * lr * weight_decay`` (:func:`weight_decay`, scaled
+    by the ``wd_scale`` Prodigy publishes); ``decouple=False`` adds ``weight_decay * p`` to the
+    gradient first (:func:`add_l2`), which then also enters the ``d`` estimate, as prodigyopt.
+    ``stochastic_rounding``/``kahan_sum`` choose the terminal for bf16 weights (prodigyopt has none).
+    ``fsdp_in_use=True`` is not implemented yet.
+
+    >>> import adv_chain as ac
+    >>> ac.presets.prodigy(weight_decay=0.01).names
+    ('prodigy', 'weight_decay', 'apply')
+    >>> ac.presets.prodigy(weight_decay=0.01, decouple=False).names
+    ('add_l2', 'prodigy', 'apply')
+    """
+    name = "prodigy"
+    _fsdp(name, fsdp_in_use)
+    checks.positive(name, "eps", eps)
+    checks.nonneg(name, "weight_decay", weight_decay)
+    decoupled = checks.flag(name, "decouple", decouple)
+    return chain(
+        *(() if decoupled else (T.add_l2(weight_decay),)),
+        T.prodigy(betas=betas, eps=eps, beta3=beta3, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
+                  safeguard_warmup=safeguard_warmup, use_bias_correction=use_bias_correction, slice_p=slice_p),
+        *((T.weight_decay(weight_decay),) if decoupled else ()),
+        terminal(stochastic_rounding, kahan_sum),
+    )
+
+
+@register
+def prodigy_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-8, weight_decay: float = 0.0,
+                fisher_wd: bool = False, cautious_wd: bool = False, stochastic_rounding: bool = True,
+                use_atan2: bool = False, orthogonal_gradient: Any = "disabled", nesterov: bool = False,
+                nesterov_coef: float | None = None, state_precision: str = "auto", factored_2nd: bool = False,
+                nnmf_factor: bool = False, vector_reshape: bool = False, beta3: float | None = None,
+                d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf, safeguard_warmup: bool = False,
+                fsdp_in_use: bool = False, slice_p: int = 11, prodigy_steps: int = 0, d_limiter: bool = False,
+                kourkoutas_beta: bool = False, beta2_min: float = 0.9, ema_alpha: float = 0.95,
+                tiny_spike: float = 1e-9, k_warmup_steps: int = 0, k_logging: int = 0, centered_wd: float = 0.0,
+                centered_wd_mode: str = "float8", spectral_normalization: bool = False, seed: int = 0) -> Chain:
+    """adv_optm 2.5.16's ``Prodigy_adv`` (its keywords and defaults, ``slice_p=11``): OrthoGrad
+    (``orthogonal_gradient``), :func:`adv_chain.prodigy` with ``step_d="current"`` (adv_optm scales
+    eps by the ``d`` the step started with), ``d_limiter``, ``use_atan2`` (``(4/pi) atan2``, no eps),
+    ``nesterov``/``nesterov_coef`` with the reference's bug B2 fixed (the gradient term is scaled by
+    ``d`` too), decay by ``d * lr`` (``cautious_wd`` masks it), stochastic rounding of bf16 weights.
+    ``state_precision`` ``'auto'``/``'fp32'`` both keep fp32 moments; ``vector_reshape`` only matters
+    for factored state. Not implemented yet (``NotImplementedError`` naming the keyword):
+    ``fisher_wd``, ``factored_2nd``, ``nnmf_factor``, other ``state_precision`` values, ``eps=None``,
+    ``prodigy_steps``, ``kourkoutas_beta``, ``centered_wd``, ``spectral_normalization``, ``fsdp_in_use``.
+
+    >>> import adv_chain as ac
+    >>> ac.presets.prodigy_adv(orthogonal_gradient="flattened", weight_decay=0.1, cautious_wd=True).names
+    ('orthograd', 'prodigy', 'weight_decay', 'apply')
+    """
+    name = "prodigy_adv"
+    not_yet(name, fisher_wd=checks.flag(name, "fisher_wd", fisher_wd), factored_2nd=factored_2nd,
+            nnmf_factor=nnmf_factor, state_precision=state_precision not in ("auto", "fp32") and state_precision,
+            prodigy_steps=prodigy_steps, kourkoutas_beta=kourkoutas_beta,
+            centered_wd=centered_wd, spectral_normalization=spectral_normalization)
+    if eps is None:
+        raise NotImplementedError(f"{name}: eps=None (the scale-invariant 1/sqrt(N) epsilon) is not implemented for "
+                                  "Prodigy yet; pass a number")
+    _fsdp(name, fsdp_in_use)
+    checks.flag(name, "vector_reshape", vector_reshape)
+    checks.nonneg(name, "weight_decay", weight_decay)
+    return chain(
+        *gradient_stage(name, orthogonal_gradient),
+        T.prodigy(betas=betas, eps=eps, beta3=beta3, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
+                  safeguard_warmup=safeguard_warmup, slice_p=slice_p, d_limiter=d_limiter, step_d="current",
+                  use_atan2=checks.flag(name, "use_atan2", use_atan2), nesterov=checks.flag(name, "nesterov", nesterov),
+                  nesterov_coef=nesterov_coef),
+        decay_stage(weight_decay, cautious_wd),
+        terminal(stochastic_rounding=stochastic_rounding, seed=seed),
+    )
