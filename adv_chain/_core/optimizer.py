@@ -293,7 +293,7 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def _call(self, si: int, seg: Segment, *args: Any) -> Any:
         """Run ``segment_body`` eagerly, or through the compiled kernel for this segment and layout."""
-        if self._compile_options is None:
+        if self._compile_options is None or not seg.compilable:
             return segment_body(seg.transforms, *args, seg.materialize)
         layout, tensors = layout_and_tensors(*args, seg.materialize)
         kernel = self._kernels.get((id(seg), layout))

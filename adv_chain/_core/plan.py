@@ -30,6 +30,12 @@ class Segment:
     whole: bool                # holds a tensor-scope transform: runs on whole, param-shaped tensors
     materialize: bool          # the next segment needs this one's output at full size
 
+    @property
+    def compilable(self) -> bool:
+        """False when a transform opts out of torch.compile (``compilable = False``, e.g. the
+        state-compressing wrappers): under ``compile=True`` that segment then runs eagerly."""
+        return all(getattr(t, "compilable", True) for t in self.transforms)
+
 
 def build_plan(transforms: tuple[Transform, ...]) -> tuple[Segment, ...]:
     raw: list[tuple[list[Transform], Transform | None, bool]] = []

@@ -167,6 +167,9 @@ class _StateWrapper(Transform):
 
     scope = "tensor"
     stage = "moment"  # replaced by the inner transform's stage on each instance
+    #: data-dependent packing and per-tensor Python loops: under ``compile=True`` the segment holding
+    #: a wrapper runs eagerly (the other segments stay compiled)
+    compilable = False
 
     def _setup(self, inner: Any, name: str | None, options: dict[str, Any]) -> None:
         if isinstance(inner, Mapping):  # from to_config
@@ -437,7 +440,9 @@ def quantize_blocks(x: torch.Tensor, signed: bool, block: int, key: int) -> tupl
     """Block-wise stochastic quantization: per block of ``block`` elements (of the flat tensor; the
     last one zero-padded) ``scale = max|x| / 127`` (int8) or, for non-negative state,
     ``max x / 255`` (uint8); ``q = floor(x / scale + u)`` with ``u`` uniform in [0, 1), so
-    ``E[q * scale] = x``. Returns ``q`` (shaped like ``x``) and the fp32 scales."""
+    ``E[q * scale] = x`` - except that a positive non-negative-state value is never stored as 0
+    (``q >= 1``: a zero second moment would divide the step by ``eps`` alone). Returns ``q`` (shaped
+    like ``x``) and the fp32 scales."""
     flat = x.reshape(-1).to(torch.float32).contiguous()
     n = flat.numel()
     nblocks = max(1, -(-n // block))
@@ -449,7 +454,13 @@ def quantize_blocks(x: torch.Tensor, signed: bool, block: int, key: int) -> tupl
     y = blocks / scale.clamp_min(_TINY).unsqueeze(1)
     bits = random_bits(padded, 0, _noise(padded, key))
     uniform = ((bits >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
-    q = torch.floor(y + uniform.view_as(y)).clamp_(lo, hi).to(dtype)
+    q = torch.floor(y + uniform.view_as(y)).clamp_(lo, hi)
+    if not signed:
+        # a positive value never becomes 0: a second moment read back as 0 turns m / (sqrt(v) + eps)
+        # into m / eps (adv_optm's int8_sr does this and blows up: weights off by ~5 after 5 steps of
+        # a small MLP); the smallest code keeps such a step small instead (biased up, never down)
+        q = torch.where(blocks > 0, q.clamp_min(1.0), q)
+    q = q.to(dtype)
     return q.view(-1)[:n].view(x.shape), scale
 
 
