@@ -32,6 +32,11 @@ FEATURES = {  # name -> (keywords, available in adv-optm 2.5.16)
     "atan2": ({"use_atan2": True}, True),
     "cautious_wd": ({"cautious_wd": True, "weight_decay": 0.01}, True),
     "kourkoutas_beta": ({"kourkoutas_beta": True}, True),
+    # low-memory state (issue 5): targets factored <= 2x, bf16 <= 1.3x, int8 <= 2x over the plain step
+    "nnmf_factor": ({"nnmf_factor": True}, True),
+    "factored_2nd": ({"factored_2nd": True}, True),
+    "bf16_sr state": ({"state_precision": "bf16_sr"}, True),
+    "int8_sr state": ({"state_precision": "int8_sr"}, True),
 }
 
 

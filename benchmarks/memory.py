@@ -52,7 +52,11 @@ def child(set_name: str, optimizer: str, release: bool, steps: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).mul_(0.02)) for s in PARAM_SETS[set_name].tensor_shapes()]
     import adv_chain as ac
-    if optimizer == "optimi":
+    if optimizer.startswith(("adv:", "ref:")):  # "<library>:<class>:<json keywords>"
+        library, cls, kw = optimizer.split(":", 2)
+        module = ac.optim if library == "adv" else __import__("adv_optm")
+        opt = getattr(module, cls)(params, lr=1e-4, **json.loads(kw))
+    elif optimizer == "optimi":
         import optimi
         opt = optimi.AdamW(params, lr=1e-4, gradient_release=release)
         if release:
@@ -65,7 +69,15 @@ def child(set_name: str, optimizer: str, release: bool, steps: int) -> dict:
         opt = ac.ChainOptimizer(params, chain, lr=1e-4)
         if release:
             ac.enable_gradient_release(opt, params)
+    fixed_grads = optimizer.startswith(("adv:", "ref:"))
+    if fixed_grads:  # state cases: gradients exist before the start point, growth is the optimizer's own
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).mul_(1e-2)
+
     def train_step() -> None:
+        if fixed_grads:
+            opt.step()
+            return
         loss = sum(0.5 * p.square().sum() for p in params)
         loss.backward()
         del loss
@@ -85,8 +97,20 @@ def child(set_name: str, optimizer: str, release: bool, steps: int) -> dict:
             "start_rss": start, "peak_rss": peak, "growth": peak - start}
 
 
+#: low-memory state (issue 5): case -> (class, keywords); ours and adv-optm 2.5.16 side by side
+STATE_CASES = {
+    "AdamW_adv (fp32 moments)": ("AdamW_adv", {"state_precision": "fp32"}),
+    "AdamW_adv nnmf_factor": ("AdamW_adv", {"nnmf_factor": True}),
+    "AdamW_adv factored_2nd": ("AdamW_adv", {"factored_2nd": True}),
+    "AdamW_adv bf16_sr": ("AdamW_adv", {"state_precision": "bf16_sr"}),
+    "AdamW_adv int8_sr": ("AdamW_adv", {"state_precision": "int8_sr"}),
+    "Adopt_adv nnmf_factor": ("Adopt_adv", {"nnmf_factor": True}),
+    "Lion_adv nnmf_factor": ("Lion_adv", {"nnmf_factor": True}),
+}
+
+
 def run_case(set_name: str, name: str, steps: int) -> dict:
-    optimizer, release = CASES[name]
+    optimizer, release = CASES[name] if name in CASES else (name, False)
     cmd = [sys.executable, __file__, "--child", json.dumps([set_name, optimizer, release, steps])]
     # a fixed mmap threshold: every large tensor is its own mapping, returned to the OS when freed,
     # so the peak RSS sees what is alive rather than what glibc kept cached
@@ -105,6 +129,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(*json.loads(args.child))))
         return
+    state_rows = []
+    for name, (cls, kw) in STATE_CASES.items():
+        ours = run_case(args.set, f"adv:{cls}:{json.dumps(kw)}", args.steps)
+        ref = run_case(args.set, f"ref:{cls}:{json.dumps(kw)}", args.steps)
+        state_rows.append((name, ours, ref))
+        print(name, ours, ref, file=sys.stderr, flush=True)
     rows = {name: run_case(args.set, name, args.steps) for name in CASES}
     grads = next(iter(rows.values()))["param_bytes"]
     lines = [f"## Peak memory of training steps: `python {shlex.join(sys.argv)}`", "",
@@ -123,6 +153,17 @@ def main() -> None:
         else:
             saved = "– | –"
         lines.append(f"| {name} | {r['state_bytes'] / MB:.1f} | {r['growth'] / MB:.1f} | {saved} |")
+    largest = max(torch.Size(sh).numel() for sh in PARAM_SETS[args.set].tensor_shapes()) * 4
+    lines += ["", f"### Optimizer state ({args.set}; after {args.steps + 1} steps, fp32 params)", "",
+              "state = optimizer state bytes / (8 bytes x params), fp32 torch AdamW = 1; growth = peak RSS over "
+              f"the steps (gradients already allocated: the optimizer's own temporaries); target for ours: growth <= 1.2 x state + one largest-tensor temporary "
+              f"({largest / MB:.0f} MB)", "",
+              "| case | adv_chain state | adv-optm state | adv_chain peak growth (MB) | adv-optm peak growth (MB) |",
+              "|---|---:|---:|---:|---:|"]
+    for name, ours, ref in state_rows:
+        n8 = 8 * ours["param_bytes"] / 4
+        lines.append(f"| {name} | {ours['state_bytes'] / n8:.4f} | {ref['state_bytes'] / n8:.4f} | "
+                     f"{ours['growth'] / MB:.1f} | {ref['growth'] / MB:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.markdown:

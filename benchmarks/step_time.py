@@ -12,6 +12,7 @@ Usage (from the repository root):
     python benchmarks/step_time.py                        # both sets, 1 and 2 threads
     python benchmarks/step_time.py --quick --set small149 --rows torch,optimi
     python benchmarks/step_time.py --pairs 30 --threads 1 --markdown results.md
+    python benchmarks/step_time.py --peers --set gpt27m   # drop-ins vs optimi / prodigyopt, paired
 """
 
 import argparse
@@ -117,6 +118,51 @@ ROWS = [
 ]
 
 
+def _ours(cls: str, **kw) -> Callable[[list[Parameter]], Step]:
+    return lambda p: getattr(import_peer("adv_chain").optim, cls)(p, **kw).step
+
+
+def _peer(module: str, cls: str, **kw) -> Callable[[list[Parameter]], Step]:
+    return lambda p: getattr(import_peer(module), cls)(p, **kw).step
+
+
+#: adv_chain drop-ins timed directly against the peer they stand in for: (name, ours, peer)
+PEER_PAIRS = [
+    ("RAdam vs optimi", _ours("RAdam", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False),
+     _peer("optimi", "RAdam", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False)),
+    ("Ranger vs optimi", _ours("Ranger", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False),
+     _peer("optimi", "Ranger", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False)),
+    ("Adan vs optimi", _ours("Adan", lr=LR, weight_decay=WEIGHT_DECAY),
+     _peer("optimi", "Adan", lr=LR, weight_decay=WEIGHT_DECAY)),
+    ("StableAdamW vs optimi", _ours("StableAdamW", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False),
+     _peer("optimi", "StableAdamW", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False)),
+    ("AdamW vs optimi", _ours("AdamW", lr=LR, weight_decay=WEIGHT_DECAY),
+     _peer("optimi", "AdamW", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False)),
+    ("Prodigy vs prodigyopt", _ours("Prodigy", lr=1.0, weight_decay=WEIGHT_DECAY),
+     _peer("prodigyopt", "Prodigy", lr=1.0, weight_decay=WEIGHT_DECAY)),
+]
+
+
+def peer_pairs(set_name: str, threads: int, wanted: list[str], args) -> str:
+    """Each drop-in against its peer, alternating pairs in one process: ratio = ours / peer."""
+    torch.set_num_threads(threads)
+    template = make_params(set_name, device=args.device)
+    results: dict[str, PairTiming | str] = {}
+    for name, ours, peer in PEER_PAIRS:
+        if wanted and not any(s in name.lower() for s in wanted):
+            continue
+        print(f"  timing {name}", file=sys.stderr, flush=True)
+        try:
+            results[name] = time_alternating_pairs(peer(clone_params(template)), ours(clone_params(template)),
+                                                   pairs=args.pairs, warmup=args.warmup, device=args.device)
+        except NotInstalled as missing:
+            results[name] = f"not installed: {missing}"
+        except Exception as error:  # a failing row is reported, not fatal
+            results[name] = short_error(error)
+    title = (f"### {set_name}, threads={threads}: adv_chain drop-in / its peer (eager), {args.pairs} pairs")
+    return title + "\n\n" + markdown_table(results, "peer") + "\n"
+
+
 def short_error(error: Exception) -> str:
     text = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
     return "error: " + (text if len(text) <= 100 else text[:97] + "...")
@@ -188,6 +234,8 @@ def parse_args():
     parser.add_argument("--quick", action="store_true", help="smoke mode: 3 pairs, 1 warm-up step")
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
     parser.add_argument("--markdown", type=Path, help="append the results to this Markdown file")
+    parser.add_argument("--peers", action="store_true",
+                        help="time each drop-in against the peer it stands in for instead (optimi, prodigyopt)")
     args = parser.parse_args()
     if args.quick:
         args.pairs, args.warmup = 3, 1
@@ -217,7 +265,8 @@ def main() -> None:
     tables = []
     for set_name in args.sets:
         for threads in args.thread_counts:
-            tables.append(benchmark(set_name, threads, rows, args))
+            tables.append(peer_pairs(set_name, threads, wanted, args) if args.peers
+                          else benchmark(set_name, threads, rows, args))
             print(tables[-1], flush=True)
     if args.markdown:
         with args.markdown.open("a") as report:
