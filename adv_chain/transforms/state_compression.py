@@ -531,6 +531,13 @@ class LowPrecisionState(_StateWrapper):
         self._setup(inner, name, {"dtype": dtype, "block_size": block_size, "seed": seed,
                                   "chunk_bytes": self._check_chunk_bytes(chunk_bytes)})
 
+    @property
+    def scope(self) -> str:  # type: ignore[override]
+        # bf16/fp16 storage is elementwise: it runs on cache-sized slices like the plain chain;
+        # int8 blocks follow the flattened tensor and need whole tensors
+        elementwise = self.options["dtype"] != "int8" and self.inner.scope == "elementwise"
+        return "elementwise" if elementwise else "tensor"
+
     def host_scalars(self, h: HostView) -> dict[str, Any]:
         return {**self.inner.host_scalars(h), "sr_step": h.step}
 
