@@ -3,6 +3,7 @@
 import io
 
 import adv_optm
+from test_parity_adv_optm import _train as _parity_train
 import pytest
 import torch
 
@@ -68,18 +69,8 @@ def test_sign_packing_round_trip():
 
 # -- parity with adv_optm 2.5.16 ----------------------------------------------------------------------
 def _train(make, steps=25):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(),
-                                torch.nn.Linear(32, 3))
-    opt = make(model.parameters())
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps, cycle_momentum=False)
-    x, y = torch.randn(64, 10), torch.randn(64, 3)
-    for _ in range(steps):
-        opt.zero_grad()
-        (model(x) - y).square().mean().backward()
-        opt.step()
-        sched.step()
-    return [p.detach().clone() for p in model.parameters()]
+    """The drop-in parity protocol of tests/test_parity_adv_optm.py, over 25 steps."""
+    return _parity_train(make, steps=steps)
 
 
 PARITY = [
