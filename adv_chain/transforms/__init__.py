@@ -4,7 +4,8 @@ from .decay import cautious_wd, centered_wd, fisher_wd, weight_decay
 from .gradient import add_l2, clip_by_global_norm, clip_by_value, negate, orthograd
 from .hyper import kourkoutas_beta
 from .masks import cautious, grams
-from .moments import ademamix, momentum, scale_by_adam, scale_by_adopt, scale_by_lion, simplified_accumulator
+from .mixing import ademamix, simplified_accumulator
+from .moments import momentum, scale_by_adam, scale_by_adopt, scale_by_lion
 from .normalize import atan2_scale, eps_divide, sign
 from .optimi_family import lookahead, proximal_wd, scale_by_adan, scale_by_radam, stable_clip
 from .state_compression import factored_state, low_precision_state
