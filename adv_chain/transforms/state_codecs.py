@@ -148,11 +148,13 @@ def _noise(x32: torch.Tensor, key: int) -> torch.Tensor:
     return x32.view(torch.int32) ^ key
 
 
-def _tensor_key(b: Any, i: int) -> int:
+def _tensor_key(b: Any, i: int) -> Any:
     """Per-tensor part of the noise key: the terminal's (seed, step, parameter index) key when the
-    executor provides one, else the tensor's position in the bucket."""
+    executor provides one (a Python int, or the same value as an int32 0-d tensor under
+    ``compile=True``: eager and compiled runs draw the same noise), else the tensor's position in
+    the bucket."""
     keys = b.noise_keys
-    if keys is not None and isinstance(keys[i], int):
+    if keys is not None:
         return keys[i]
     return (i * 0x9E3779B1 + 0x7F4A7C15) & 0x7FFFFFFF
 

@@ -377,8 +377,7 @@ class LowPrecisionState(_StateWrapper):
         mode, block = self.options["dtype"], self.options["block_size"]
         low = (torch.int8, torch.uint8) if mode == "int8" else (_TORCH_DTYPES[mode],)
         keys = sorted(k for k, v in stored.items() if ":" not in k and v and v[0].dtype in low)
-        step = b.s("sr_step")
-        step = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+        step = int(b.s("sr_step"))  # a static scalar: a Python int under compile=True too (no host sync)
         hkeys = {k: noise_key(self.options["seed"], step, zlib.crc32(k.encode())) for k in keys}
         dense_bytes = [len(keys) * p.numel() * 4 for p in b.params]
         done = []
