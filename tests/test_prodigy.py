@@ -12,13 +12,13 @@ from __future__ import annotations
 import copy
 import io
 
+import adv_optm  # the peers are pinned in the test extra: missing one is an error, not a skip
+import prodigyopt
 import pytest
 import torch
 
 import adv_chain as ac
 
-prodigyopt = pytest.importorskip("prodigyopt")
-adv_optm = pytest.importorskip("adv_optm")
 
 _GEN = torch.Generator().manual_seed(1)
 _X = torch.randn(128, 16, generator=_GEN)
