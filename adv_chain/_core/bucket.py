@@ -14,7 +14,8 @@ chain runs on data still in cache). All lists are aligned: ``b.params[i]``, ``b.
 * ``b.s(name)`` - the calling transform's scalars: a Python number in eager mode, a 0-d tensor
   under ``compile=True``; either works with the helpers in :mod:`adv_chain._core.foreach`.
 * ``b.signals`` - per-step values published by one transform for a later one (``"denom"``).
-* ``b.decay_coef`` / ``b.decay`` - decay the terminal applies: ``p * (1 - decay_coef) - decay``.
+* ``b.decay_coef`` / ``b.decay`` - decay the terminal applies: ``p * (1 - decay_coef) - decay``
+  (``decay_coef``: a number, a 0-d tensor, or one of these per tensor in a list).
 * ``b.skip_apply`` - set when this step must not touch the parameters at all (no update, no decay).
 
 A wrapper transform that stores another transform's state differently (``factored_state``,
@@ -29,18 +30,24 @@ from typing import Any, Mapping
 
 import torch
 
+from . import foreach as F
+
 Tensors = list[torch.Tensor]
 
 
 class Bucket:
-    __slots__ = ("params", "u", "grads", "signals", "decay_coef", "decay", "_u_owned", "_states",
-                 "_scalars", "_current", "offsets", "noise_keys", "_frozen", "skip_apply")
+    __slots__ = ("params", "_u", "_lazy", "grads", "signals", "decay_coef", "decay", "_u_owned", "_states",
+                 "_scalars", "_current", "offsets", "noise_keys", "_frozen", "skip_apply", "eager_u",
+                 "_denom_div")
 
     def __init__(self, params: Tensors, u: Tensors, states: Mapping[str, Mapping[str, Tensors]],
                  scalars: Mapping[str, Mapping[str, Any]], *, grads: Tensors | None = None,
                  u_owned: bool = False, offsets: list[Any] | None = None,
                  noise_keys: list[Any] | None = None) -> None:
         self.params = params
+        self._lazy: tuple[Tensors, Tensors | None, Any] | None = None
+        self.eager_u = False  # set on wrapper parts: their state temporaries are reused, never alias them
+        self._denom_div: Any = None  # the published "denom" signal is signals["denom"] / this
         self.u = u
         self.grads = u if grads is None else grads
         self._u_owned = u_owned
@@ -73,6 +80,92 @@ class Bucket:
         """True when ``u`` is this chain's own fp32 temporary (in-place writes are safe)."""
         return self._u_owned
 
+    # -- the direction -----------------------------------------------------------------------------
+    @property
+    def u(self) -> Tensors:
+        if self._lazy is not None:
+            self._materialize()
+        return self._u
+
+    @u.setter
+    def u(self, value: Tensors) -> None:
+        self._u = value
+        self._lazy = None
+
+    @property
+    def lazy_u(self) -> "tuple[Tensors, Tensors | None, Any] | None":
+        """``(num, den, scale)`` while ``u = num * scale / den`` (``den`` may be ``None``) has not been
+        computed yet, else ``None``. A terminal folds it into one ``addcdiv`` (``p -= lr * scale * num
+        / den``: the division torch's Adam does) and the full-size ``u`` is never written; every other
+        reader of ``b.u`` gets it computed, with the same rounding as computing it eagerly."""
+        return self._lazy
+
+    def set_u_scaled(self, num: Tensors, scale: Any) -> None:
+        """``u = num * scale``, computed only if someone reads ``b.u``. ``num`` may alias state (it
+        is never written through ``u``), but must not change until the step's terminal ran."""
+        if self.eager_u:
+            self.set_u(torch._foreach_mul(num, scale))
+            return
+        self._u, self._lazy, self._u_owned = num, (num, None, scale), False
+
+    def divide_u_(self, den: Tensors) -> None:
+        """``u /= den``; ``den`` is the caller's own temporary (it may be kept until the terminal)."""
+        if self._lazy is not None and self._lazy[1] is None:
+            self._lazy = (self._lazy[0], den, self._lazy[2])
+            return
+        torch._foreach_div_(self.own_u(), den)
+
+    def publish_denom(self, raw: Tensors, divisor: Any = None) -> None:
+        """Publish the ``"denom"`` signal as ``raw / divisor`` without dividing yet (Adam's
+        ``sqrt(v) / sqrt(1 - b2^t)``): a consumer that adds epsilon folds the divisor into its own
+        scalars (:meth:`divide_u_by_denom_`), one pass fewer over the data."""
+        self.signals["denom"] = raw
+        self._denom_div = None if F.is_one(divisor) else divisor
+
+    def take_denom(self, scale: Any = 1.0) -> Tensors:
+        """Pop the published ``"denom"`` (the caller owns it), multiplied by ``scale``."""
+        denom, c = self.signals.pop("denom"), self._denom_div
+        self._denom_div = None
+        if c is not None and F.is_one(scale):
+            torch._foreach_div_(denom, c)  # the rounding of dividing right away
+        else:
+            F.scale_(denom, scale if c is None else scale / c)
+        return denom
+
+    def read_denom(self) -> Tensors:
+        """The published ``"denom"``, left in place for its consumer (read-only)."""
+        self._settle()
+        return self.signals["denom"]
+
+    def divide_u_by_denom_(self, eps: Any) -> None:
+        """``u /= denom + eps``, consuming the published ``"denom"``. When Adam left both ``u = m *
+        scale`` and ``denom = raw / c`` pending this is ``u = m * (scale * c) / (raw + eps * c)``:
+        the division by ``c`` and the write of ``u`` both fold into the terminal's ``addcdiv``."""
+        lazy, c = self._lazy, self._denom_div
+        if c is not None and lazy is not None and lazy[1] is None:
+            raw = self.signals.pop("denom")
+            self._denom_div = None
+            F.add_scalar_(raw, eps * c)
+            self._lazy = (lazy[0], raw, lazy[2] * c)
+            return
+        denom = self.take_denom()
+        F.add_scalar_(denom, eps)
+        self.divide_u_(denom)
+
+    def _settle(self) -> None:
+        """Carry out what is pending (wrappers split and join buckets)."""
+        if self._denom_div is not None and "denom" in self.signals:
+            self.signals["denom"] = self.take_denom()
+        self._denom_div = None
+
+    def _materialize(self) -> None:
+        num, den, scale = self._lazy  # type: ignore[misc]
+        self._lazy = None
+        u = torch._foreach_mul(num, scale)
+        if den is not None:
+            torch._foreach_div_(u, den)
+        self._u, self._u_owned = u, True
+
     # -- what transforms use -----------------------------------------------------------------------
     def state(self, key: str) -> Tensors:
         return self._states[self._current][key]
@@ -82,6 +175,8 @@ class Bucket:
 
     def own_u(self) -> Tensors:
         """``u`` as a list this transform may modify in place."""
+        if self._lazy is not None:
+            self._materialize()
         if not self._u_owned:
             self.u = [x.to(torch.float32, copy=True) for x in self.u]
             self._u_owned = True
@@ -100,7 +195,16 @@ class Bucket:
             torch._foreach_add_(self.decay, terms)
 
     def add_decay_coef(self, coef: Any) -> None:
-        self.decay_coef = self.decay_coef + coef
+        """Add to the coefficient of ``p`` the terminal removes (``p * (1 - decay_coef)``): a number,
+        a 0-d tensor, or a per-tensor list of either (e.g. after StableAdamW's per-tensor clip)."""
+        mine = self.decay_coef
+        if isinstance(mine, list) or isinstance(coef, list):
+            n = len(self.params)
+            mine = mine if isinstance(mine, list) else [mine] * n
+            coef = coef if isinstance(coef, list) else [coef] * n
+            self.decay_coef = [a + c for a, c in zip(mine, coef)]
+        else:
+            self.decay_coef = mine + coef
 
 
     # -- wrappers ----------------------------------------------------------------------------------
@@ -115,6 +219,7 @@ class Bucket:
         def pick(xs: Any) -> Any:
             return [xs[i] for i in index]
 
+        self._settle()
         n = len(self.params)
         name = self._current
         scalars = {k: (pick(v) if isinstance(v, (list, tuple)) and len(v) == n else v)
@@ -125,7 +230,8 @@ class Bucket:
                      noise_keys=None if self.noise_keys is None else pick(self.noise_keys))
         sub.signals = {k: (pick(v) if isinstance(v, (list, tuple)) and len(v) == n else v)
                        for k, v in self.signals.items()}
-        sub.decay_coef = self.decay_coef
+        sub.eager_u = True
+        sub.decay_coef = pick(self.decay_coef) if isinstance(self.decay_coef, list) else self.decay_coef
         sub.decay = None if self.decay is None else pick(self.decay)
         sub.skip_apply = self.skip_apply
         sub._current = name
@@ -146,6 +252,8 @@ class Bucket:
             return out
 
         subs = [sub for _, sub in parts]
+        for sub in subs:
+            sub._settle()
         owned = all(sub._u_owned for sub in subs)
         self.set_u(gather([sub.u for sub in subs]), owned=owned)
         if not self._frozen:
@@ -159,7 +267,11 @@ class Bucket:
         if any(sub.decay is not None for sub in subs):
             self.decay = gather([sub.decay if sub.decay is not None else
                                  [torch.zeros_like(p, dtype=torch.float32) for p in sub.params] for sub in subs])
-        self.decay_coef = subs[-1].decay_coef
+        if any(isinstance(sub.decay_coef, list) for sub in subs):
+            self.decay_coef = gather([sub.decay_coef if isinstance(sub.decay_coef, list) else
+                                      [sub.decay_coef] * len(sub.params) for sub in subs])
+        else:
+            self.decay_coef = subs[-1].decay_coef
         self.skip_apply = any(sub.skip_apply for sub in subs)
 
 

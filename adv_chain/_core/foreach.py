@@ -26,6 +26,13 @@ def is_one(x: Any) -> bool:
     return not is_tensor(x) and x == 1
 
 
+def one_minus(coef: Any) -> Any:
+    """``1 - coef`` for a decay coefficient: a number, a 0-d tensor, or a per-tensor list of either."""
+    if isinstance(coef, list):
+        return [1.0 - c for c in coef]
+    return 1.0 - coef
+
+
 def addcmul_(xs: Tensors, a: Tensors, b: Tensors, value: Any) -> None:
     """xs += value * a * b"""
     if is_tensor(value):

@@ -20,10 +20,16 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 def _apply_fp32_(p32: list[torch.Tensor], b: Any, neg_lr: Any) -> None:
     """In place on fp32 tensors: p32 = p32 * (1 - decay_coef) - decay - lr * u."""
     if not F.is_zero(b.decay_coef):
-        torch._foreach_mul_(p32, 1.0 - b.decay_coef)
+        torch._foreach_mul_(p32, F.one_minus(b.decay_coef))
     if b.decay is not None:
         torch._foreach_sub_(p32, b.decay)
-    F.add_scaled_(p32, b.u, neg_lr)
+    lazy = b.lazy_u
+    if lazy is None or F.is_tensor(lazy[2]) or F.is_tensor(neg_lr):
+        F.add_scaled_(p32, b.u, neg_lr)  # (compiled kernels: the fuser merges the division anyway)
+    elif lazy[1] is None:
+        F.add_scaled_(p32, lazy[0], neg_lr * lazy[2])
+    else:  # u = num * scale / den never written out: p -= lr * scale * num / den in one pass
+        torch._foreach_addcdiv_(p32, lazy[0], lazy[1], value=neg_lr * lazy[2])
 
 
 class _Terminal(Transform):

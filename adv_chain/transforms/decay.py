@@ -267,7 +267,7 @@ class CenteredWeightDecay(Transform):
             return
         p32 = _fp32(b.params)
         if not F.is_zero(b.decay_coef):  # p' = p * (1 - decay_coef) - decay
-            p32 = torch._foreach_mul(p32, 1.0 - b.decay_coef)
+            p32 = torch._foreach_mul(p32, F.one_minus(b.decay_coef))
         if b.decay is not None:
             p32 = torch._foreach_sub(p32, b.decay)
         dist = torch._foreach_sub(p32, self._anchors(b))
@@ -318,7 +318,7 @@ class FisherWD(Transform):
         return {"eps": h.hp["eps"], "atan2_scale": 4.0 / math.pi}
 
     def update(self, b: Any) -> None:
-        denom = b.signals["denom"]  # read, not consumed: the normalizer after us divides by it
+        denom = b.read_denom()  # read, not consumed: the normalizer after us divides by it
         if self.args["atan2"]:
             # torch has no multi-tensor atan2: one op per tensor (fused under compile=True)
             s = [torch.atan2(d.new_ones(()), d) for d in denom]

@@ -128,8 +128,8 @@ class ScaleByAdam(Transform):
             torch._foreach_maximum_(v_max, v)
             v = v_max
         denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, b.s("sqrt_bc2"))
         if normed is not None:
+            torch._foreach_div_(denom, b.s("sqrt_bc2"))
             # normalize a copy of the gradient by the current denominator (never p.grad in place)
             if normed == "atan2":  # torch has no multi-tensor atan2: one op per tensor (fused under compile)
                 g = [torch.atan2(x, d) for x, d in zip(g, denom)]
@@ -144,13 +144,13 @@ class ScaleByAdam(Transform):
             F.add_scaled_(u, g, b.s("nesterov_g"))
             b.set_u(u)
         elif b.s("first_moment"):
-            b.set_u(torch._foreach_mul(m, b.s("m_scale")))
+            b.set_u_scaled(m, b.s("m_scale"))
         elif normed is not None:  # beta1 = 0: the normalized gradient itself (a fresh tensor)
             F.scale_(g, b.s("normed_scale"))
             b.set_u(g)
         # else (beta1 = 0, not normed): the direction is the gradient itself (no exp_avg is kept)
         if normed is None:
-            b.signals["denom"] = denom
+            b.publish_denom(denom, b.s("sqrt_bc2"))  # sqrt(v / (1 - b2^t)), divided when consumed
         b.signals["bc1"] = b.s("bc1")
 
 

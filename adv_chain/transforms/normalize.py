@@ -53,12 +53,12 @@ class EpsDivide(Transform):
         return {"eps": 0.0 if eps is None else eps, "auto_eps": eps is None}
 
     def update(self, b: Any) -> None:
-        denom = b.signals.pop("denom")
         if b.s("auto_eps"):
+            denom = b.take_denom()
             torch._foreach_add_(denom, b.state("auto_eps"))
+            b.divide_u_(denom)
         else:
-            F.add_scalar_(denom, b.s("eps"))
-        torch._foreach_div_(b.own_u(), denom)
+            b.divide_u_by_denom_(b.s("eps"))
 
 
 class Atan2Scale(Transform):
@@ -96,8 +96,7 @@ class Atan2Scale(Transform):
         return {"a": h.hp["a"], "b": h.hp["b"]}
 
     def update(self, b: Any) -> None:
-        denom = b.signals.pop("denom")
-        F.scale_(denom, b.s("b"))
+        denom = b.take_denom(scale=b.s("b"))
         num = b.u
         a = b.s("a")
         if self.args["bias_correction"] == "outside":

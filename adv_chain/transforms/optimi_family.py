@@ -110,9 +110,8 @@ class ScaleByRAdam(Transform):
             return
         denom = torch._foreach_sqrt(v)
         F.add_scalar_(denom, b.s("eps"))
-        u = torch._foreach_div(m, denom)
-        F.scale_(u, b.s("rect"))
-        b.set_u(u)
+        b.set_u_scaled(m, b.s("rect"))  # u = rect * m / denom, left to the terminal's addcdiv
+        b.divide_u_(denom)
 
 
 # -- Adan ----------------------------------------------------------------------------------------------
@@ -225,7 +224,9 @@ class ProximalWeightDecay(Transform):
         if b.decay is not None:
             F.scale_(b.decay, shrink)
         # p * (1 - c_old) * shrink  ==  p * (1 - c_new)
-        b.decay_coef = 1.0 - (1.0 - b.decay_coef) * shrink
+        coef = b.decay_coef
+        b.decay_coef = ([1.0 - (1.0 - x) * shrink for x in coef] if isinstance(coef, list)
+                        else 1.0 - (1.0 - coef) * shrink)
 
 
 # -- StableAdamW ---------------------------------------------------------------------------------------
@@ -266,28 +267,28 @@ class StableClip(Transform):
         return {"eps": h.hp["eps"]}
 
     def update(self, b: Any) -> None:
-        denom = b.signals.pop("denom")
+        denom = b.take_denom()
         eps = b.s("eps")
-        floor = torch._foreach_maximum(denom, [eps] * len(denom)) if F.is_tensor(eps) else \
+        ratio = torch._foreach_maximum(denom, [eps] * len(denom)) if F.is_tensor(eps) else \
             torch._foreach_clamp_min(denom, eps)
-        ratio = torch._foreach_div(b.grads, floor)  # g / max(denom, eps): its mean square is the RMS^2
-        scale = torch._foreach_norm(ratio)
-        torch._foreach_div_(scale, [math.sqrt(max(x.numel(), 1)) for x in ratio])
-        torch._foreach_clamp_min_(scale, 1.0)
-        torch._foreach_reciprocal_(scale)  # one 0-d value per tensor: 1 / max(1, RMS)
+        torch._foreach_reciprocal_(ratio)
+        torch._foreach_mul_(ratio, b.grads)  # g / max(denom, eps): its mean square is the RMS^2
+        clip = torch._foreach_norm(ratio)
+        del ratio
+        torch._foreach_div_(clip, [math.sqrt(max(x.numel(), 1)) for x in denom])
+        torch._foreach_clamp_min_(clip, 1.0)  # one 0-d value per tensor: max(1, RMS)
+        # u / ((denom + eps) * max(1, RMS)): the clip rides on the denominator (no extra pass over
+        # u, and Adam's u may still be left to the terminal's addcdiv)
         F.add_scalar_(denom, eps)
-        u = b.own_u()
-        torch._foreach_div_(u, denom)
-        torch._foreach_mul_(u, scale)
+        torch._foreach_mul_(denom, clip)
+        b.divide_u_(denom)
+        inv = torch._foreach_reciprocal(clip)
         if b.decay is not None:
-            torch._foreach_mul_(b.decay, scale)
+            torch._foreach_mul_(b.decay, inv)
         coef = b.decay_coef
         if not F.is_zero(coef):
-            # the terminal keeps p * (1 - c); the term p * c * (s - 1) (exactly 0 where s = 1, the usual
-            # case, so the write is then the one optimi makes) turns it into p * (1 - c * s)
-            extra = torch._foreach_sub(scale, 1.0)
-            torch._foreach_mul_(extra, coef)
-            b.add_decay(torch._foreach_mul(_fp32(b.params), extra))
+            # the terminal's p * (1 - c) becomes p * (1 - c / max(1, RMS)), one coefficient per tensor
+            b.decay_coef = list(torch._foreach_mul(inv, coef))
 
 
 # -- Lookahead -----------------------------------------------------------------------------------------
