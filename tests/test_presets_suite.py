@@ -65,6 +65,20 @@ MAIN_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "prodigy_adv": [dict(weight_decay=0.1, cautious_wd=True, orthogonal_gradient="flattened", use_atan2=True),
                     dict(nesterov=True, slice_p=1, weight_decay=0.01)],
 }
+# the sign family (adv_chain/presets/sign.py) and lion_adv's Lion-K / stochastic sign / clip options
+PRESET_LR.update({"signsgd_adv": 1e-3, "sinksgd_adv": 1e-3})
+MAIN_OPTIONS.update({
+    "signsgd_adv": [dict(weight_decay=0.1, cautious_wd=True, nesterov=True, orthogonal_gradient="flattened"),
+                    dict(normed_momentum=True, snr_cond=True, geometric_wd=True, weight_decay=0.1,
+                         stochastic_sign=True),
+                    dict(momentum=0.0, weight_decay=0.01, centered_wd=0.5, centered_wd_mode="int8")],
+    "sinksgd_adv": [dict(momentum=0.9, nesterov=True, weight_decay=0.1, cautious_wd=True),
+                    dict(momentum=0.9, normed_momentum=True, snr_cond=True, geometric_wd=True, weight_decay=0.1,
+                         orthogonal_sinkhorn=True),
+                    dict(momentum=0.9, sinkhorn_iterations=2, centered_wd=0.5, centered_wd_mode="full")],
+})
+MAIN_OPTIONS["lion_adv"] = MAIN_OPTIONS["lion_adv"] + [dict(kappa_p=1.5, clip_threshold=1.0, weight_decay=0.1),
+                                                       dict(stochastic_sign=True, auto_kappa_p=True)]
 #: terminal keywords; a preset gets the ones it accepts (plain round-to-nearest is also how a preset
 #: without a stochastic_rounding keyword writes, so "nearest" then builds its default)
 TERMINALS = {"nearest": dict(stochastic_rounding=False), "stochastic_rounding": dict(stochastic_rounding=True),

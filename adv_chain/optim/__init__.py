@@ -26,3 +26,6 @@ from .prodigy import Prodigy, Prodigy_Adv, Prodigy_adv
 
 __all__ = ["SGD", "Adam", "AdamW", "Lion", "AdamW_adv", "Adam_Adv", "Lion_adv", "Lion_Adv", "Adopt_adv", "Adopt_Adv",
            "Simplified_AdEMAMix", "RAdam", "Ranger", "Adan", "StableAdamW", "Prodigy", "Prodigy_adv", "Prodigy_Adv"]
+from .sign import SignSGD_adv, SinkSGD_adv  # noqa: E402
+
+__all__ += ["SignSGD_adv", "SinkSGD_adv"]

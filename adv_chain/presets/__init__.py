@@ -9,3 +9,6 @@ __all__ = ["get", "keywords", "names", "register", "summary", "sgd", "adam", "ad
 from .prodigy import prodigy, prodigy_adv  # noqa: E402
 
 __all__ += ["prodigy", "prodigy_adv"]
+from .sign import signsgd_adv, sinksgd_adv  # noqa: E402
+
+__all__ += ["signsgd_adv", "sinksgd_adv"]

@@ -183,17 +183,25 @@ def lion_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0
     :func:`scale_by_lion` (sign of ``b1*m + (1-b1)*g``), decay ``lr * weight_decay``, and the
     stochastic-rounding terminal. ``cautious_mask`` masks the post-sign update against the gradient
     with the reference's mean rescale; ``centered_wd``/``centered_wd_mode`` -> :func:`centered_wd`.
+    ``kappa_p``/``auto_kappa_p`` -> :func:`lion_k`, ``stochastic_sign`` -> :func:`stochastic_sign`
+    (both after ``scale_by_lion(sign=False)``), ``clip_threshold`` -> :func:`clip_by_tensor_norm`.
 
     >>> import adv_chain as ac
     >>> ac.presets.lion_adv(weight_decay=0.1, cautious_wd=True).names
     ('lion', 'weight_decay', 'apply')
+    >>> ac.presets.lion_adv(kappa_p=2.0, clip_threshold=1.0).names
+    ('clip_by_tensor_norm', 'lion', 'lion_k', 'weight_decay', 'apply')
     """
+    from .sign import lion_projection, tensor_clip_stage  # here: presets.sign imports this module
     name = "lion_adv"
-    not_yet(name, kappa_p=kappa_p != 1.0 and kappa_p, auto_kappa_p=auto_kappa_p, stochastic_sign=stochastic_sign,
-            spectral_normalization=spectral_normalization, clip_threshold=clip_threshold)
+    not_yet(name, spectral_normalization=spectral_normalization)
+    projection = lion_projection(name, kappa_p, auto_kappa_p, stochastic_sign, seed)
     return chain(
+        *tensor_clip_stage(name, clip_threshold),
         *gradient_stage(name, orthogonal_gradient),
-        stored(name, T.scale_by_lion(betas=betas), nnmf_factor=nnmf_factor, vector_reshape=vector_reshape),
+        stored(name, T.scale_by_lion(betas=betas, sign=not projection), nnmf_factor=nnmf_factor,
+               vector_reshape=vector_reshape),
+        *projection,
         *direction_mask(name, cautious_mask, False),
         decay_stage(weight_decay, cautious_wd),
         *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),

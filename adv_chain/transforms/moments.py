@@ -212,6 +212,8 @@ class ScaleByLion(Transform):
     """Lion's sign update (Chen et al., arXiv 2302.06675), as lion-pytorch computes it.
 
     ``u = sign(b1*m + (1-b1)*g)``, then ``m = b2*m + (1-b2)*g``. Fed by ``group["betas"]``.
+    ``sign=False`` emits ``b1*m + (1-b1)*g`` itself, for another projection to follow
+    (:func:`lion_k`, :func:`stochastic_sign`).
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.scale_by_lion(betas=(0.9, 0.99)), ac.weight_decay(0.1), ac.apply()).names
@@ -223,8 +225,9 @@ class ScaleByLion(Transform):
     stage = "moment"
     hparams = {"betas": HParam("betas", checks.beta_pair)}
 
-    def __init__(self, betas: tuple[float, float] = (0.9, 0.99), *, name: str | None = None) -> None:
-        super().__init__(name=name, betas=betas)
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.99), sign: bool = True, *,
+                 name: str | None = None) -> None:
+        super().__init__(name=name, betas=betas, sign=checks.flag(self.type_name, "sign", sign))
 
     def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
         return {"exp_avg": StateSpec(kind="signed", factorable=True)}
@@ -238,7 +241,8 @@ class ScaleByLion(Transform):
         m = b.state("exp_avg")
         u = torch._foreach_mul(m, b.s("b1"))
         F.add_scaled_(u, g, b.s("one_minus_b1"))
-        torch._foreach_sign_(u)
+        if self.args["sign"]:
+            torch._foreach_sign_(u)
         torch._foreach_mul_(m, b.s("b2"))
         F.add_scaled_(m, g, b.s("one_minus_b2"))
         b.set_u(u)
