@@ -54,7 +54,7 @@ def run_barrier(opt: Any, t: Transform, works: list[Any]) -> None:
     values: list[torch.Tensor] = []
     layer_keys: list[Any] = []
     for w in works:
-        if t.additive_reduce and w.partials[0] is not None:  # reduced while the last segment ran
+        if w.partials[0] is not None:  # reduced already: while the last segment ran, or on gathered shards
             values.extend(w.partials)
             w.partials = [None] * len(w.params)
         else:
@@ -63,7 +63,8 @@ def run_barrier(opt: Any, t: Transform, works: list[Any]) -> None:
             b.enter(t.name, t.stage)
             values.extend(t.reduce(b))
         group = opt.param_groups[w.group_index]
-        layer_keys.extend(t.layer_key(p, i, group) for p, i in zip(w.params, w.indices))
+        params = w.params if w.dist is None else w.dist.params  # layer keys see whole (DTensor) parameters
+        layer_keys.extend(t.layer_key(p, i, group) for p, i in zip(params, w.indices))
     result = t.finalize(values, layer_keys, {**works[0].hps[t.name], **state})
     opt.step_info[t.name] = {k: v for k, v in result.items() if isinstance(v, torch.Tensor)}
     store_group_state(opt, t, result, state)

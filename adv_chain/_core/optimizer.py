@@ -11,6 +11,7 @@ from .chain import Chain
 from .compile import ScalarCache, layout_and_tensors, make_kernel, noise_key_tensors, tensor_scalars
 from .numerics import noise_key
 from .barrier import run_barrier, run_barrier_lagged
+from . import distributed
 from .plan import Segment, Work, accumulation_transforms, build_plan, flat_view, segment_body
 from .tags import param_tags, with_tags
 from .state import STATE_DTYPES, allocate_state, match_checkpoint, restore_saved_state, state_specs
@@ -279,6 +280,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 self._run(works, lagged=True)
 
     def _run(self, works: list[Work], lagged: bool = False) -> None:
+        if distributed.localize(works):  # FSDP2: DTensor params run on their local shards
+            return distributed.run(self, works, lagged)
         for si, seg in enumerate(self._plan):
             if seg.barrier is not None:
                 (run_barrier_lagged if lagged else run_barrier)(self, seg.barrier, works)
@@ -362,7 +365,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         ref = [cut(w.full_g[i], s, e) for i, s, e in pieces] if w.full_g is not None else None
         piece_states = {tname: {k: [cut(lst[i], s, e) for i, s, e in pieces] for k, lst in d.items()}
                         for tname, d in states.items()}
-        offsets = [0 if s is None else s for _, s, _ in pieces]
+        offsets = [(0 if s is None else s) + (w.dist.bases[i] if w.dist else 0) for i, s, _ in pieces]
         if any(isinstance(v, list) for d in scalars.values() for v in d.values()):
             # per-parameter results of a reduce: one entry per piece
             scalars = {tname: {k: ([v[i] for i, _, _ in pieces] if isinstance(v, list) else v) for k, v in d.items()}

@@ -103,7 +103,7 @@ class Work:
     """One bucket for one step: params of one group sharing device, dtype and step number."""
 
     __slots__ = ("group_index", "params", "grads", "indices", "step", "hps", "scalars", "states",
-                 "noise_keys", "full_u", "full_g", "next_u", "next_g", "partials")
+                 "noise_keys", "full_u", "full_g", "next_u", "next_g", "partials", "dist")
 
     def __init__(self, group_index: int, step: int) -> None:
         self.group_index = group_index
@@ -119,6 +119,8 @@ class Work:
         self.next_g: list[torch.Tensor] | None = None
         # per-tensor sums of the next barrier's reduce, accumulated slice by slice
         self.partials: list[Any] = []
+        # FSDP2: where the local shards sit in the full tensors (distributed.Sharding), else None
+        self.dist: Any = None
 
 
 #: stages whose transforms keep running while the optimizer accumulates (they own the moments)

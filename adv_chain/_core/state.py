@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from .distributed import full_tensor, is_sharded
 from .transform import StateSpec, Transform
 
 STATE_DTYPES = ("fp32", "param")
@@ -40,7 +41,7 @@ def allocate_state(state: dict[str, Any], p: torch.Tensor, specs: Mapping[str, S
             continue
         dtype = resolve_dtype(spec, p, policy)
         if spec.build is not None:
-            state[key] = spec.build(p.detach())
+            state[key] = spec.build(full_tensor(p.detach()))  # a DTensor's whole tensor
         elif spec.scalar:
             state[key] = torch.zeros((), dtype=torch.float32, device=p.device)
         elif spec.init == "param":
@@ -96,7 +97,7 @@ def restore_saved_state(state: dict[torch.Tensor, dict[str, Any]], kept: Mapping
             if isinstance(v, torch.Tensor):
                 if k == "step":
                     v = v.detach().to(device="cpu", dtype=torch.float32, copy=True)
-                elif v.shape == p.shape and v.stride() != p.stride():
+                elif v.shape == p.shape and v.stride() != p.stride() and is_sharded(v) == is_sharded(p):
                     v = torch.empty_like(p, dtype=v.dtype, memory_format=torch.preserve_format).copy_(v)
                 else:
                     v = v.detach().to(device=p.device, copy=True)
