@@ -5,9 +5,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from . import checks
+from . import checks, guard
 from .bucket import Bucket
 from .chain import Chain
+from .hparams import resolve_all
 from .compile import ScalarCache, layout_and_tensors, make_kernel, noise_key_tensors, tensor_scalars
 from .numerics import noise_key
 from .barrier import run_barrier, run_barrier_lagged
@@ -41,6 +42,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         state_dtype: ``"fp32"`` (default: moments in fp32 even for bf16/fp16 params) or ``"param"``
             (torch's behaviour: state in the parameter dtype).
         chunk_elems: elements per cache-sized group of an elementwise segment (tuning knob).
+        nonfinite: what a NaN/inf gradient does: ``"raise"`` (default; nothing changes),
+            ``"skip"`` (the step is skipped and counted in ``nonfinite_steps``) or ``"off"`` (no
+            check: saves one read of the gradients and one device sync per step). See guard.py.
 
     ``optimizer.optimizer_accumulation = True`` (optimi's optimizer accumulation, e.g. on the
     micro-batches of gradient release but the last): a step then runs only the gradient stage and the
@@ -59,7 +63,7 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], chain: "Chain | str" = "adamw", lr: float = 1e-3, *,
                  compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32",
-                 chunk_elems: int = DEFAULT_GROUP, **preset_kwargs: Any) -> None:
+                 chunk_elems: int = DEFAULT_GROUP, nonfinite: str = "raise", **preset_kwargs: Any) -> None:
         if isinstance(chain, str):
             from ..presets import get as get_preset
             chain = get_preset(chain, **preset_kwargs)
@@ -73,6 +77,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                              "ac.stochastic_round_apply() or ac.kahan_apply()")
         checks.nonneg("ChainOptimizer", "lr", lr)
         checks.choice("ChainOptimizer", "state_dtype", state_dtype, STATE_DTYPES)
+        self.nonfinite = nonfinite
+        self.nonfinite_steps = 0
         if not isinstance(chunk_elems, int) or chunk_elems < 1024:
             raise ValueError(f"ChainOptimizer: chunk_elems={chunk_elems!r} must be an int >= 1024")
         if not (isinstance(compile, bool) or isinstance(compile, Mapping)):
@@ -92,6 +98,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._tags: dict[torch.Tensor, frozenset[str]] = {}  # read once per parameter (tags.py)
         self._validated: dict[Any, tuple[Any, Any]] = {}
         self._param_index: dict[torch.Tensor, int] = {}
+        self._devices: dict[torch.Tensor, torch.device] = {}
         #: per-step results of global transforms, e.g. ``step_info["clip_by_global_norm"]["total_norm"]``
         self.step_info: dict[str, dict[str, torch.Tensor]] = {}
         defaults: dict[str, Any] = {"lr": lr}
@@ -122,49 +129,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             self._param_index.setdefault(p, len(self._param_index))
 
-    def _checked(self, key: Any, value: Any, check: Callable[[str, str, Any], Any], owner: str, arg: str) -> Any:
-        """Validate a param-group value once per value object (a tensor lr filled in place by a
-        scheduler is read from the device once, not at every step)."""
-        cached = self._validated.get(key)
-        if cached is not None and cached[0] is value:
-            return cached[1]
-        normalized = check(owner, arg, value)
-        self._validated[key] = (value, normalized)
-        return normalized
-
     def _resolve_all(self, group: Mapping[str, Any], gi: int) -> dict[str, dict[str, Any]]:
-        """Resolved hyperparameters of every transform for one group (validated)."""
-        self._checked((gi, "lr"), group["lr"], checks.nonneg, f"param group {gi}", "lr")
-        names = {t.name: t for t in self.chain.transforms}
-        for key in group:
-            if "." in key:
-                tname, _, arg = key.partition(".")
-                t = names.get(tname)
-                if t is None or arg not in t.hparams:
-                    known = sorted(f"{t.name}.{a}" for t in self.chain.transforms for a in t.hparams)
-                    raise ValueError(f"param group {gi}: unknown hyperparameter {key!r}; this chain's namespaced "
-                                     f"hyperparameters are {known}")
-        out = {}
-        for t in self.chain.transforms:
-            hp = dict(t.args)
-            changed = False
-            for arg, spec in t.hparams.items():
-                ns = f"{t.name}.{arg}"
-                if ns in group:
-                    value = group[ns]
-                elif spec.group_key is not None and spec.group_key in group:
-                    value = group[spec.group_key]
-                else:
-                    continue
-                if value is not t.args[arg]:
-                    changed = True
-                    if spec.check is not None:
-                        value = self._checked((gi, t.name, arg), value, spec.check, f"param group {gi} ({t.name})", arg)
-                hp[arg] = value
-            if changed:
-                t.check_hparams(f"param group {gi} ({t.name})", hp)
-            out[t.name] = hp
-        return out
+        """Resolved hyperparameters of every transform for one group (validated; see hparams.py)."""
+        return resolve_all(self, group, gi)
 
     # -- state -------------------------------------------------------------------------------------
     def _tags_of(self, p: torch.Tensor, group: Mapping[str, Any]) -> frozenset[str]:
@@ -187,6 +154,15 @@ class ChainOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p not in self._ready:
                     self._init_state(p, hps, group)
+
+    @property
+    def nonfinite(self) -> str:
+        """``"raise"``, ``"skip"`` or ``"off"``: what a NaN/inf gradient does (settable on drop-ins)."""
+        return self._nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, value: str) -> None:
+        self._nonfinite = checks.choice(type(self).__name__, "nonfinite", value, guard.NONFINITE)
 
     @property
     def _plan(self) -> tuple[Segment, ...]:
@@ -223,11 +199,16 @@ class ChainOptimizer(torch.optim.Optimizer):
                                        f"group {gi}) has a sparse gradient; adv_chain supports dense gradients only")
                 self._tags_of(p, group)
             todo.append((gi, with_grad, hps))
+        if not guard.gradients_finite(self, todo):
+            return []
         works: dict[Any, Work] = {}
         for gi, with_grad, hps in todo:
             for p in with_grad:
                 if p not in self._ready:
                     self._init_state(p, hps, self.param_groups[gi])
+                elif self._devices.get(p, p.device) != p.device:
+                    guard.follow_device(self, p)
+                self._devices[p] = p.device
             steps = [self.state[p]["step"] for p in with_grad]
             torch._foreach_add_(steps, 1.0)
             for p, s in zip(with_grad, steps):
