@@ -122,6 +122,32 @@ def gradient_release_error(name: Any, kw: dict[str, Any]) -> str:
     return "step_parameter raised nothing"
 
 
+def nonfinite_on_one_rank(rank: int, name: Any, kw: dict[str, Any]) -> str:
+    """A NaN in rank 0's shard only: every rank must raise (none may go on into the next collective)
+    and leave its parameters and state as they were; with nonfinite="skip" every rank skips."""
+    from adv_chain._core.guard import NonFiniteGradientError
+
+    model = shard(make_net())
+    opt = make_opt(model.parameters(), name, kw)
+    train(model, opt, 1)
+    before = {k: v.clone() for k, v in full_params(model).items()}
+    torch.nn.functional.mse_loss(model(torch.randn(4, 8)), torch.zeros(4, 1)).backward()
+    if rank == 0:
+        model.fc1.weight.grad.to_local().view(-1)[0] = float("nan")
+    try:
+        opt.step()
+        return "step raised nothing"
+    except NonFiniteGradientError as ex:
+        message = str(ex)
+    if any(not torch.equal(before[k], v) for k, v in full_params(model).items()):
+        return "parameters changed"
+    opt.nonfinite = "skip"
+    opt.step()
+    if opt.nonfinite_steps != 1:
+        return f"nonfinite_steps={opt.nonfinite_steps}"
+    return message
+
+
 # -- one spawn for the whole suite -----------------------------------------------------------------
 def suite(rank: int, world: int, plan: dict[str, list[Case]], root: str) -> dict[str, dict[str, Any]]:
     """Every section of ``plan`` ("ddp", "fsdp2", "fsdp2_bf16", "dcp_fsdp2", "errors") on its cases."""
@@ -130,7 +156,8 @@ def suite(rank: int, world: int, plan: dict[str, list[Case]], root: str) -> dict
         "fsdp2": lambda cid, name, kw: fsdp2_case(name, kw),
         "fsdp2_bf16": lambda cid, name, kw: fsdp2_case(name, kw, torch.bfloat16),
         "dcp_fsdp2": lambda cid, name, kw: dcp_roundtrip(name, kw, f"{root}/{cid}", sharded=True),
-        "errors": lambda cid, name, kw: gradient_release_error(name, kw),
+        "errors": lambda cid, name, kw: (nonfinite_on_one_rank(rank, name, kw) if cid == "nonfinite"
+                                         else gradient_release_error(name, kw)),
     }
     return {section: {cid: guarded(lambda: runners[section](cid, name, kw)) for cid, name, kw in cases}
             for section, cases in plan.items()}

@@ -20,7 +20,7 @@ PLAN = {"ddp": CASES,
         "fsdp2": CASES + H.STORAGE_CASES + H.CHAIN_CASES,
         "fsdp2_bf16": H.BF16_CASES,
         "dcp_fsdp2": CASES + H.STORAGE_CASES,
-        "errors": [("gradient-release", "adamw", {})]}
+        "errors": [("gradient-release", "adamw", {}), ("nonfinite", "adamw", {})]}
 
 
 def ids(section: str) -> list[str]:
@@ -77,3 +77,11 @@ def test_gradient_release_on_sharded_params_is_a_clear_error(results):
     """Per-parameter steps on DTensor parameters raise a NotImplementedError that says what to do."""
     for rank, message in enumerate(r["errors"]["gradient-release"] for r in results):
         assert "FSDP2" in message and "step_parameter" in message, f"rank {rank}: {message}"
+
+
+def test_nonfinite_gradient_on_one_rank_stops_every_rank(results):
+    """A NaN in one rank's shard: all ranks raise together (one all-reduce of the screen's count), the
+    parameters stay as they were, and with nonfinite="skip" all ranks skip."""
+    messages = [r["errors"]["nonfinite"] for r in results]
+    assert "the gradient of parameter 0 (shape (16, 8)" in messages[0] and "holds NaN or inf" in messages[0], messages[0]
+    assert "another rank" in messages[1], messages[1]
