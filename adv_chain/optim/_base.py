@@ -6,6 +6,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .. import presets
+from . import _foreign
 from .._core import checks
 from .._core.optimizer import ChainOptimizer
 from .._core.release import enable_gradient_release
@@ -43,6 +44,17 @@ class _DropIn(ChainOptimizer):
         if checks.flag(type(self).__name__, "gradient_release", gradient_release):
             # optimi's keyword: step each parameter inside backward (ac.enable_gradient_release)
             enable_gradient_release(self, [p for group in self.param_groups for p in group["params"]])
+
+    #: writers whose checkpoints ``load_state_dict`` converts (see _foreign.py)
+    foreign_checkpoints: tuple[str, ...] = ()
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Load an adv_chain checkpoint, or one written by the optimizer this class stands in for
+        (``foreign_checkpoints``): its keys are mapped to this chain's, and a checkpoint that does not
+        map unambiguously is refused with the reason."""
+        if _foreign.is_foreign(state_dict):
+            state_dict = _foreign.convert(self, state_dict, self.foreign_checkpoints)
+        super().load_state_dict(state_dict, strict=strict)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # torch reads `maximize` per group; a chain fixes it when it is built, so refuse a group that

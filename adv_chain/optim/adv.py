@@ -18,6 +18,8 @@ class AdamW_adv(_DropIn):  # noqa: N801 - the reference's class name
     bool ``orthogonal_gradient``); ``compiled_optimizer=True`` means ``compile=True``.
     ``layer_key_fn`` belongs to Kourkoutas-beta, which is not implemented yet."""
 
+    foreign_checkpoints = ("adv_optm",)
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float | None = 1e-8, weight_decay: float = 0.0, fisher_wd: bool = False,
                  cautious_wd: bool = False, use_bias_correction: bool = True, stochastic_rounding: bool = True,
@@ -49,6 +51,8 @@ class Lion_adv(_DropIn):  # noqa: N801 - the reference's class name
     """adv_optm's ``Lion_adv`` as a chain (preset ``lion_adv``): the 2.5.16 keywords and the legacy
     ``cautious_mask``/``clip_threshold``; ``compiled_optimizer=True`` means ``compile=True`` (the
     reference ignores it). Unlike adv-optm 2.5.16, it loads its own ``state_dict``."""
+
+    foreign_checkpoints = ("adv_optm",)
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, cautious_wd: bool = False, stochastic_rounding: bool = True,
@@ -87,6 +91,8 @@ class Adopt_adv(_DropIn):  # noqa: N801 - the reference's class name
     """adv_optm's ``Adopt_adv`` as a chain (preset ``adopt_adv``): the 2.5.16 keywords and the legacy
     ``cautious_mask``/``grams_moment``; ``clip_lambda`` may be the default ``step**0.25``, another
     power ``step**p`` or ``None``."""
+
+    foreign_checkpoints = ("adv_optm",)
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.9999),
                  eps: float = 1e-6, weight_decay: float = 0.0, fisher_wd: bool = False, cautious_wd: bool = False,

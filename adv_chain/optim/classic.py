@@ -15,6 +15,8 @@ from ._base import ChainOptimizer, _DropIn, _implementation_flags, _optimi_famil
 class SGD(_DropIn):
     """``torch.optim.SGD`` as a chain (preset ``sgd``); same keywords and defaults."""
 
+    foreign_checkpoints = ("torch.optim",)
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
@@ -33,6 +35,8 @@ class SGD(_DropIn):
 
 class Adam(_DropIn):
     """``torch.optim.Adam`` as a chain (preset ``adam``); same keywords and defaults."""
+
+    foreign_checkpoints = ("torch.optim",)
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: bool | None = None,
@@ -57,6 +61,8 @@ class Adam(_DropIn):
 class AdamW(_DropIn):
     """``torch.optim.AdamW`` as a chain (preset ``adamw``); same keywords and defaults."""
 
+    foreign_checkpoints = ("torch.optim",)
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
@@ -76,6 +82,8 @@ class Lion(_DropIn):
     """lion-pytorch's ``Lion`` as a chain (preset ``lion``); same keywords and defaults.
     ``use_triton`` is accepted (a kernel choice); ``decoupled_weight_decay=True`` scales the decay by
     ``lr / initial lr`` as lion-pytorch does."""
+
+    foreign_checkpoints = ("lion_pytorch",)
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, use_triton: bool = False, decoupled_weight_decay: bool = False, *,

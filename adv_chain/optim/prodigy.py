@@ -26,6 +26,8 @@ class Prodigy(_DropIn):
     (('prodigy', 'weight_decay', 'apply'), 1e-06)
     """
 
+    foreign_checkpoints = ("prodigyopt",)
+
     def __init__(self, params: Iterable[Any], lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
                  beta3: float | None = None, eps: float = 1e-8, weight_decay: float = 0, decouple: bool = True,
                  use_bias_correction: bool = False, safeguard_warmup: bool = False, d0: float = 1e-6,
@@ -55,6 +57,8 @@ class Prodigy_adv(_DropIn):  # noqa: N801 - the reference's class name
     """adv_optm 2.5.16's ``Prodigy_adv`` as a chain (preset ``prodigy_adv``): its keywords and defaults
     (``lr=1``, ``slice_p=11``); ``compiled_optimizer=True`` means ``compile=True``. Its ``nesterov``
     bug B2 is fixed. Keywords of features adv_chain lacks raise ``NotImplementedError`` (see the preset)."""
+
+    foreign_checkpoints = ("adv_optm",)
 
     def __init__(self, params: Iterable[Any], lr: float = 1, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float | None = 1e-8, weight_decay: float = 0.0, fisher_wd: bool = False,

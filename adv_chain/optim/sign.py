@@ -19,6 +19,8 @@ class SignSGD_adv(_DropIn):  # noqa: N801 - the reference's class name
     ('sign_momentum', 'sign', 'weight_decay', 'apply')
     """
 
+    foreign_checkpoints = ("adv_optm",)
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, momentum: float = 0.9, weight_decay: float = 0.0,
                  geometric_wd: bool = False, cautious_wd: bool = False, stochastic_rounding: bool = True,
                  orthogonal_gradient: Any = "disabled", stochastic_sign: bool = False, nesterov: bool = False,
@@ -50,6 +52,8 @@ class SinkSGD_adv(_DropIn):  # noqa: N801 - the reference's class name
     >>> opt.chain.names
     ('sign_momentum', 'sinkhorn', 'weight_decay', 'apply')
     """
+
+    foreign_checkpoints = ("adv_optm",)
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.0, weight_decay: float = 0.0,
                  sinkhorn_iterations: int = 5, orthogonal_sinkhorn: bool = False, normed_momentum: bool = False,
