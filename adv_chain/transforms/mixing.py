@@ -79,13 +79,27 @@ class AdEMAMix(Transform):
 
 
 @functools.lru_cache(maxsize=64)
-def _warmed_beta_sums(beta: float, warmup: int | None, start: float, steps: int) -> tuple[float, ...]:
-    """``S1_t = beta_t * S1_{t-1} + 1`` for t = 1..steps under the half-life warm-up (memoized)."""
+def _warmup_sums(beta: float, warmup: int | None, start: float) -> tuple[float, ...]:
+    """``S1_t = beta_t * S1_{t-1} + 1`` for t = 1..warmup, while beta_t still ramps (memoized; empty
+    without a warm-up)."""
     out, s1 = [], 0.0
-    for t in range(1, steps + 1):
+    for t in range(1, (warmup or 0) + 1 if beta > 0 else 1):
         s1 = _warmed_beta(beta, warmup, start, t) * s1 + 1.0
         out.append(s1)
     return tuple(out)
+
+
+def _warmed_beta_sum(beta: float, warmup: int | None, start: float, t: int) -> float:
+    """``S1_t``: the memoized warm-up part, then the closed form of the constant-beta recurrence
+    (``S1_t = beta^k S1_W + (1 - beta^k) / (1 - beta)``, k = t - W): O(1) per step and memory bounded
+    by the warm-up, however long the run."""
+    prefix = _warmup_sums(beta, warmup, start)
+    if t <= len(prefix):
+        return prefix[t - 1]
+    k, s0 = t - len(prefix), (prefix[-1] if prefix else 0.0)
+    if beta >= 1.0:
+        return s0 + k
+    return beta ** k * s0 + (1.0 - beta ** k) / (1.0 - beta)
 
 
 def _warmed_beta(beta: float, warmup: int | None, start: float, t: int) -> float:
@@ -147,7 +161,7 @@ class SimplifiedAccumulator(Transform):
         if hp["reference_scaling"]:
             geometric = (1.0 - beta1 ** t) / (1.0 - beta1) if beta1 < 1 else float(t)
             lr_scale = 1.0 / (geometric + hp["alpha_grad"])
-            s1 = _warmed_beta_sums(hp["beta1"], hp["beta1_warmup"], hp["min_beta1"], t)[-1] \
+            s1 = _warmed_beta_sum(hp["beta1"], hp["beta1_warmup"], hp["min_beta1"], t) \
                 if hp["bias_correction"] else 1.0
             out.update(lr_scale=lr_scale, update_scale=lr_scale / math.sqrt(s1))
         return out
