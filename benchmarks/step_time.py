@@ -118,8 +118,13 @@ ROWS = [
 ]
 
 
-def _ours(cls: str, **kw) -> Callable[[list[Parameter]], Step]:
-    return lambda p: getattr(import_peer("adv_chain").optim, cls)(p, **kw).step
+def _ours(cls: str, nonfinite: str = "raise", **kw) -> Callable[[list[Parameter]], Step]:
+    """The drop-in's step; ``nonfinite="off"`` drops the NaN/inf guard (the peers run none)."""
+    def build(p: list[Parameter]) -> Step:
+        opt = getattr(import_peer("adv_chain").optim, cls)(p, **kw)
+        opt.nonfinite = nonfinite
+        return opt.step
+    return build
 
 
 def _peer(module: str, cls: str, **kw) -> Callable[[list[Parameter]], Step]:
@@ -137,6 +142,13 @@ PEER_PAIRS = [
     ("StableAdamW vs optimi", _ours("StableAdamW", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False),
      _peer("optimi", "StableAdamW", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False)),
     ("AdamW vs optimi", _ours("AdamW", lr=LR, weight_decay=WEIGHT_DECAY),
+     _peer("optimi", "AdamW", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False)),
+    ("RAdam, nonfinite='off', vs optimi", _ours("RAdam", "off", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False),
+     _peer("optimi", "RAdam", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False)),
+    ("StableAdamW, nonfinite='off', vs optimi", _ours("StableAdamW", "off", lr=LR, weight_decay=WEIGHT_DECAY,
+                                                      kahan_sum=False),
+     _peer("optimi", "StableAdamW", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False)),
+    ("AdamW, nonfinite='off', vs optimi", _ours("AdamW", "off", lr=LR, weight_decay=WEIGHT_DECAY),
      _peer("optimi", "AdamW", lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=False)),
     ("Prodigy vs prodigyopt", _ours("Prodigy", lr=1.0, weight_decay=WEIGHT_DECAY),
      _peer("prodigyopt", "Prodigy", lr=1.0, weight_decay=WEIGHT_DECAY)),
