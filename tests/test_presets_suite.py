@@ -79,6 +79,22 @@ MAIN_OPTIONS.update({
 })
 MAIN_OPTIONS["lion_adv"] = MAIN_OPTIONS["lion_adv"] + [dict(kappa_p=1.5, clip_threshold=1.0, weight_decay=0.1),
                                                        dict(stochastic_sign=True, auto_kappa_p=True)]
+# the Muon family with its auxiliary Adam (adv_chain/presets/muon.py): Tiny's two Linear weights take
+# Muon, its biases, LayerNorm and `unused` (5 x 3) the auxiliary Adam
+PRESET_LR.update({"muon_adv": 2e-2, "adamuon_adv": 2e-2})
+MAIN_OPTIONS.update({
+    "muon_adv": [dict(weight_decay=0.1, cautious_wd=True, adam_weight_decay=0.01, nesterov_coef=0.8,
+                      orthogonal_gradient="flattened", adam_orthogonal_gradient="flattened"),
+                 dict(normuon_variant=True, approx_mars=True, adam_use_atan2=True, adam_kourkoutas_beta=True,
+                      adam_fisher_wd=True, adam_weight_decay=0.1),
+                 dict(rms_rescaling=False, accelerated_ns=True, centered_wd=0.5, centered_wd_mode="int8",
+                      adam_nesterov=True, use_muon=True)],
+    "adamuon_adv": [dict(use_atan2=True, weight_decay=0.1, cautious_wd=True, adam_use_atan2=True),
+                    dict(normuon_variant=True, approx_mars=True, orthogonal_gradient="iterative",
+                         adam_kourkoutas_beta=True),
+                    dict(auto_projection=False, kappa_p=1.5, centered_wd=0.5, adam_eps=None, ns_steps=6)],
+})
+
 #: terminal keywords; a preset gets the ones it accepts (plain round-to-nearest is also how a preset
 #: without a stochastic_rounding keyword writes, so "nearest" then builds its default)
 TERMINALS = {"nearest": dict(stochastic_rounding=False), "stochastic_rounding": dict(stochastic_rounding=True),
@@ -180,7 +196,7 @@ def assert_state_dtypes(opt: ac.ChainOptimizer) -> None:
     ``anchor`` (float8 / int8 / the parameter dtype by anchor mode; its block scales are fp32)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     tensors = state_tensors(opt)
-    anchor_modes = {t.name: t.args["anchor"] for t in opt.chain if t.type_name == "centered_wd"}
+    anchor_modes = {t.name: t.args["anchor"] for t in opt.chain.all_transforms if t.type_name == "centered_wd"}
     for (i, key), v in tensors.items():
         expected = params[i].dtype if key.endswith("/kahan_comp") else torch.float32
         tname, _, sub = key.partition("/")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Iterator, Mapping
 
-from .transform import STAGES, Transform, transform_from_config
+from .transform import STAGES, Transform, expand, transform_from_config
 
 CONFIG_FORMAT = "adv_chain.chain/1"
 
@@ -20,12 +20,13 @@ CONFIG_FORMAT = "adv_chain.chain/1"
 class Chain:
     """An ordered, immutable sequence of uniquely named transforms. Build it with :func:`chain`."""
 
-    __slots__ = ("_transforms",)
+    __slots__ = ("_transforms", "_all")
 
     def __init__(self, transforms: Iterable[Transform]) -> None:
         ts = tuple(transforms)
         validate(ts, complete=bool(ts) and ts[-1].terminal)
         object.__setattr__(self, "_transforms", ts)
+        object.__setattr__(self, "_all", expand(ts))
 
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError("Chain is immutable; use replace/without/insert_before/insert_after")
@@ -34,6 +35,11 @@ class Chain:
     @property
     def transforms(self) -> tuple[Transform, ...]:
         return self._transforms
+
+    @property
+    def all_transforms(self) -> tuple[Transform, ...]:
+        """The transforms and, after each, those it runs inside (a partition's sub-chains)."""
+        return self._all
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -147,20 +153,20 @@ def validate(ts: tuple[Transform, ...], *, complete: bool) -> None:
                 f"terminal {_describe(t)} must be the last transform, but {_describe(ts[i + 1])} follows it; "
                 "a chain has exactly one terminal (apply, stochastic_round_apply or kahan_apply), at the end")
     seen: dict[str, Transform] = {}
-    for t in ts:
+    for t in expand(ts):  # nested transforms (a partition's sub-chains) share the namespace
         if t.name in seen:
             raise ValueError(
                 f"two transforms are named {t.name!r}: {_describe(seen[t.name])} and {_describe(t)}; "
                 f"give the second its own name with ac.named('{t.name}2', ...)")
         seen[t.name] = t
-    first_direction = next((t for t in ts if t.stage not in ("gradient", "any")), None)
+    first_direction = next((t for t in ts if t.exit_stage not in ("gradient", "any")), None)
     if first_direction is not None:
         start = ts.index(first_direction)
-        late = [t for t in ts[start:] if t.stage == "gradient"]
+        late = [t for t in ts[start + 1:] if t.stage == "gradient"]
         if late:
             raise ValueError(
                 f"gradient-stage transform {_describe(late[0])} comes after {_describe(first_direction)} "
-                f"(stage {first_direction.stage!r}); gradient transforms (clipping, add_l2, orthograd) define the "
+                f"(stage {first_direction.exit_stage!r}); gradient transforms (clipping, add_l2, orthograd) define the "
                 "reference gradient and must come first: move it to the front")
     for i, a in enumerate(ts):
         for b in ts[i + 1:]:

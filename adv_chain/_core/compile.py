@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .plan import segment_body
+from .transform import expand
 
 Layout = tuple
 
@@ -112,7 +113,7 @@ def tensor_scalars(cache: ScalarCache, w: Any, transforms: tuple) -> dict[str, d
     values that already are tensors or per-tensor lists) pass through."""
     dev, dtype = w.params[0].device, w.params[0].dtype
     out = {}
-    for t in transforms:
+    for t in expand(transforms):  # with nested ones (a partition's sub-chains)
         out[t.name] = {
             name: (v if name in t.static_scalars or isinstance(v, (bool, torch.Tensor, list))
                    else cache.get((w.group_index, dev, dtype, t.name, name), float(v), torch.float32, dev))

@@ -34,6 +34,7 @@ import torch
 from .bucket import Bucket
 from .barrier import load_group_state, run_barrier
 from .plan import Segment, Work
+from .transform import expand
 
 #: gloo/nccl move bytes of these dtypes but have no reduction or gather kernels for them
 _BYTE_DTYPES = (torch.bool,) + tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -263,7 +264,7 @@ def _gather(w: Work, transforms: tuple[Any, ...], i: int) -> Work:
     fw.full_u = None if w.full_u is None else [full(w.full_u[i])]
     fw.grads = [w.grads[i]] if w.full_u is not None else [full(w.grads[i])]
     fw.full_g = None if w.full_g is None else [full(w.full_g[i])]
-    names = {t.name for t in transforms}
+    names = {t.name for t in expand(transforms)}  # a partition's routes included
     fw.states = {name: {k: [full(lst[i]) if id(lst[i]) in d.sharded else lst[i]] for k, lst in states.items()}
                  if name in names else {} for name, states in w.states.items()}
     fw.partials = [None]
@@ -281,8 +282,8 @@ def _scatter(w: Work, fw: Work, transforms: tuple[Any, ...], i: int, *, params: 
         local = lay.local
         if params:
             w.params[i].copy_(local(fw.params[0]))
-        for t in transforms:
-            for key, lst in w.states[t.name].items():
+        for t in expand(transforms):
+            for key, lst in w.states.get(t.name, {}).items():
                 if id(lst[i]) in d.sharded:
                     lst[i].copy_(local(fw.states[t.name][key][0]))
     if outputs:

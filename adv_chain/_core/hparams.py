@@ -22,7 +22,7 @@ def checked(opt: Any, key: Any, value: Any, check: Callable[[str, str, Any], Any
 def resolve_all(opt: Any, group: Mapping[str, Any], gi: int) -> dict[str, dict[str, Any]]:
     """Resolved hyperparameters of every transform of ``opt.chain`` for one group (validated)."""
     checked(opt, (gi, "lr"), group["lr"], checks.nonneg, f"param group {gi}", "lr")
-    transforms = opt.chain.transforms
+    transforms = opt.chain.all_transforms  # with those nested in a partition
     names = {t.name: t for t in transforms}
     for key in group:
         if "." in key:

@@ -14,7 +14,7 @@ from .numerics import noise_key
 from .barrier import run_barrier, run_barrier_lagged
 from . import distributed
 from .plan import Segment, Work, accumulation_transforms, build_plan, flat_view, segment_body
-from .tags import param_tags, with_tags
+from .tags import param_tags, route_tags, with_tags
 from .state import STATE_DTYPES, allocate_state, match_checkpoint, restore_saved_state, state_specs
 from .transform import HostView, StateSpec, Transform
 
@@ -102,7 +102,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         #: per-step results of global transforms, e.g. ``step_info["clip_by_global_norm"]["total_norm"]``
         self.step_info: dict[str, dict[str, torch.Tensor]] = {}
         defaults: dict[str, Any] = {"lr": lr}
-        for t in chain.transforms:
+        for t in chain.all_transforms:
             for arg, spec in t.hparams.items():
                 if spec.group_key and spec.group_key not in defaults:
                     defaults[spec.group_key] = t.args[arg]
@@ -137,7 +137,7 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _tags_of(self, p: torch.Tensor, group: Mapping[str, Any]) -> frozenset[str]:
         tags = self._tags.get(p)
         if tags is None:
-            tags = self._tags[p] = param_tags(p, group)
+            tags = self._tags[p] = param_tags(p, group) | route_tags(self, p, group)
         return tags
 
     def _specs(self, p: torch.Tensor, hps: Mapping[str, Mapping[str, Any]], group: Any) -> dict[str, StateSpec]:
@@ -230,8 +230,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         for w in out:
             group = self.param_groups[w.group_index]
             lr = group["lr"]
-            w.scalars = {t.name: t.host_scalars(HostView(w.hps[t.name], w.step, lr)) for t in self.chain.transforms}
-            w.states = {t.name: {} for t in self.chain.transforms}
+            w.scalars = {t.name: t.host_scalars(HostView(w.hps[t.name], w.step, lr)) for t in self.chain.all_transforms}
+            w.states = {t.name: {} for t in self.chain.all_transforms}
             for key in self.state[w.params[0]]:
                 if "/" in key:
                     tname, _, sub = key.partition("/")
@@ -286,7 +286,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         return kernel(*tensors)
 
     def _seg_states(self, seg: Segment, w: Work) -> dict[str, dict[str, list[torch.Tensor]]]:
-        return {t.name: w.states[t.name] for t in seg.transforms}
+        return {t.name: w.states[t.name] for t in seg.all_transforms}
 
     def _run_chunked(self, si: int, seg: Segment, w: Work) -> None:
         source = w.full_u if w.full_u is not None else w.grads

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .bucket import Bucket, run_transforms
-from .transform import Transform
+from .transform import Transform, expand
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -29,6 +29,11 @@ class Segment:
     barrier: Transform | None  # a global transform whose reduce/finalize runs before this segment
     whole: bool                # holds a tensor-scope transform: runs on whole, param-shaped tensors
     materialize: bool          # the next segment needs this one's output at full size
+
+    @property
+    def all_transforms(self) -> tuple[Transform, ...]:
+        """The segment's transforms and those nested in them (a partition's sub-chains)."""
+        return expand(self.transforms)
 
     @property
     def compilable(self) -> bool:

@@ -18,8 +18,13 @@ STATE_DTYPES = ("fp32", "param")
 
 def state_specs(transforms: Iterable[Transform], p: torch.Tensor,
                 hps: Mapping[str, Mapping[str, Any]]) -> dict[str, StateSpec]:
-    """Every state key of a chain for one parameter: ``"<transform>/<key>"`` -> spec."""
-    return {f"{t.name}/{key}": spec for t in transforms for key, spec in t.state_specs(p, hps[t.name]).items()}
+    """Every state key of a chain for one parameter: ``"<transform>/<key>"`` -> spec (with those of
+    the nested transforms that act on it, see :meth:`Transform.nested_for`)."""
+    out: dict[str, StateSpec] = {}
+    for t in transforms:
+        out.update((f"{t.name}/{key}", spec) for key, spec in t.state_specs(p, hps[t.name]).items())
+        out.update(state_specs(t.nested_for(hps[t.name]), p, hps))
+    return out
 
 
 def resolve_dtype(spec: StateSpec, p: torch.Tensor, policy: str) -> torch.dtype:

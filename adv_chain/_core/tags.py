@@ -12,7 +12,9 @@ parameter when its state is created:
   (``{"params": lora_a, "tags": ["lora_A"]}``) or a mapping name -> bool, which wins over attributes.
 
 Transforms see them as ``hp["tags"]`` (a frozenset of names) in ``state_specs`` and
-``host_scalars``; parameters with different tags never share a bucket.
+``host_scalars``; parameters with different tags never share a bucket. A partition
+(:func:`adv_chain.partition`) adds its route as a tag ``"<partition name>=<route>"``
+(:func:`route_tags`), decided once per parameter.
 
 >>> import torch
 >>> p = torch.nn.Parameter(torch.zeros(4, 8))
@@ -25,6 +27,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+
+from .transform import Transform
 
 #: tag name -> the tensor attribute adv_optm's hosts set
 TAG_ATTRIBUTES = {"lora_A": "_is_lora_A", "lora_B": "_is_lora_B", "oft": "_is_oft",
@@ -63,3 +67,23 @@ def oft_scale_factor(p: torch.Tensor) -> float:
 def with_tags(hps: Mapping[str, Mapping[str, Any]], tags: frozenset[str]) -> dict[str, dict[str, Any]]:
     """Every transform's resolved hyperparameters with ``"tags"`` added."""
     return {name: {**hp, "tags": tags} for name, hp in hps.items()}
+
+
+def route_tags(opt: Any, p: torch.Tensor, group: Mapping[str, Any]) -> frozenset[str]:
+    """The tags the chain's transforms decide for ``p`` (:meth:`Transform.route_tags`, e.g. a
+    partition's route), with the parameter's name when the optimizer got ``named_parameters()``
+    (torch keeps them in ``group["param_names"]``)."""
+    deciders = [t for t in opt.chain.all_transforms if type(t).route_tags is not Transform.route_tags]
+    if not deciders:
+        return frozenset()
+    names = opt.__dict__.setdefault("_param_names", {})
+    if p not in names and "param_names" in group:
+        names.update(zip(group["params"], group["param_names"]))
+    name = names.get(p)
+    index = opt._param_index.get(p, "?")
+    where = (f"parameter {name!r}" if name is not None else
+             f"parameter {index} (shape {tuple(p.shape)}; pass model.named_parameters() to name it)")
+    out: frozenset[str] = frozenset()
+    for t in deciders:
+        out |= t.route_tags(p, group, name, where)
+    return out

@@ -170,6 +170,31 @@ class Transform:
     def update(self, b: Any) -> None:  # pragma: no cover - abstract
         raise NotImplementedError(f"{self.type_name} defines no update")
 
+    # -- transforms that run other transforms (ac.partition) ---------------------------------------
+    #: the last stage of what this transform runs (a partition ending in decay has stage "moment"
+    #: but exit stage "decay"); the chain checks the stage order with both
+    @property
+    def exit_stage(self) -> str:
+        return self.stage
+
+    def nested(self) -> tuple["Transform", ...]:
+        """Transforms this one runs inside its ``update`` (a partition's sub-chains). The optimizer
+        resolves their hyperparameters (``"<name>.<arg>"`` group keys), host scalars and state as if
+        they were in the chain; their names share the chain's namespace."""
+        return ()
+
+    def nested_for(self, hp: Mapping[str, Any]) -> tuple["Transform", ...]:
+        """The nested transforms that act on a parameter whose resolved hyperparameters (with its
+        ``"tags"``) are ``hp``: only these get state for it."""
+        return self.nested()
+
+    def route_tags(self, param: torch.Tensor, group: Mapping[str, Any], name: str | None,
+                   where: str) -> frozenset[str]:
+        """Extra tags for ``param``, decided once when the optimizer first sees it (``name``: from
+        ``named_parameters()``, else ``None``; ``where`` describes the parameter for errors).
+        Parameters with different tags never share a bucket (a partition's route)."""
+        return frozenset()
+
     # layer and global scope only
     def reduce(self, b: Any) -> list[torch.Tensor]:  # pragma: no cover - abstract
         """One value per parameter of bucket ``b`` (whole tensors, ``b.u`` is the direction so far)."""
@@ -212,6 +237,15 @@ class HostView:
     hp: Mapping[str, Any]
     step: int
     lr: float
+
+
+def expand(transforms: "Any") -> tuple[Transform, ...]:
+    """Every transform of ``transforms`` followed by its nested ones (recursively)."""
+    out: list[Transform] = []
+    for t in transforms:
+        out.append(t)
+        out.extend(expand(t.nested()))
+    return tuple(out)
 
 
 def transform_from_config(cfg: Mapping[str, Any]) -> Transform:

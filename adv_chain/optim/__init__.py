@@ -29,3 +29,6 @@ __all__ = ["SGD", "Adam", "AdamW", "Lion", "AdamW_adv", "Adam_Adv", "Lion_adv", 
 from .sign import SignSGD_adv, SinkSGD_adv  # noqa: E402
 
 __all__ += ["SignSGD_adv", "SinkSGD_adv"]
+from .muon import AdaMuon_adv, Muon_adv  # noqa: E402
+
+__all__ += ["Muon_adv", "AdaMuon_adv"]

@@ -12,3 +12,6 @@ __all__ += ["prodigy", "prodigy_adv"]
 from .sign import signsgd_adv, sinksgd_adv  # noqa: E402
 
 __all__ += ["signsgd_adv", "sinksgd_adv"]
+from .muon import adamuon_adv, muon_adv  # noqa: E402
+
+__all__ += ["muon_adv", "adamuon_adv"]

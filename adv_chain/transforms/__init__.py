@@ -9,6 +9,7 @@ from .mixing import ademamix, simplified_accumulator
 from .moments import momentum, scale_by_adam, scale_by_adopt, scale_by_lion
 from .muon import approx_mars, kappa_projection, muon_momentum, muon_scale, newton_schulz, normuon
 from .normalize import atan2_scale, eps_divide, sign
+from .partition import partition
 from .optimi_family import lookahead, proximal_wd, scale_by_adan, scale_by_radam, stable_clip
 from .prodigy import prodigy
 from .sign_family import (clip_by_tensor_norm, freeze_on_flip, l1_adaptive, lion_k, sign_momentum, sinkhorn,
@@ -29,5 +30,5 @@ __all__ = [
     "eps_divide", "atan2_scale", "sign", "stable_clip", "newton_schulz", "normuon", "kappa_projection", "lion_k",
     "stochastic_sign", "sinkhorn", "snr_condition", "cautious", "grams", "freeze_on_flip", "l1_adaptive", "muon_scale",
     # wrappers
-    "lookahead", "factored_state", "low_precision_state",
+    "lookahead", "factored_state", "low_precision_state", "partition",
 ]
