@@ -230,6 +230,29 @@ class ProximalWeightDecay(Transform):
 
 
 # -- StableAdamW ---------------------------------------------------------------------------------------
+_RATIO_SLICE = 1 << 18  # elements per slice of the RMS pass: 1 MB of fp32, resident in L2
+
+
+def _ratio_norms(denom: list[torch.Tensor], grads: list[torch.Tensor], eps: float) -> list[torch.Tensor]:
+    """Per tensor ``||g / max(denom, eps)||``, slice by slice through one cache-sized scratch buffer
+    (a full-size temporary would cost a fresh allocation, and its page faults, per tensor per step)."""
+    longest = max(d.numel() for d in denom)
+    scratch = torch.empty(min(longest, _RATIO_SLICE), dtype=torch.float32, device=denom[0].device)
+    out = []
+    for d, g in zip(denom, grads):
+        df, gf = d.reshape(-1), g.reshape(-1)
+        n = df.numel()
+        total = torch.zeros((), dtype=torch.float32, device=d.device)
+        for start in range(0, n, _RATIO_SLICE):
+            end = min(n, start + _RATIO_SLICE)
+            buf = scratch[:end - start]
+            torch.clamp_min(df[start:end], eps, out=buf)
+            torch.div(gf[start:end], buf, out=buf)
+            total += torch.dot(buf, buf)
+        out.append(total.sqrt_())
+    return out
+
+
 class StableClip(Transform):
     """StableAdamW's update clipping (Wortsman et al., "Stable and low-precision training for
     large-scale vision-language models", arXiv 2304.13013), as torch-optimi computes it. Consumes
@@ -269,12 +292,14 @@ class StableClip(Transform):
     def update(self, b: Any) -> None:
         denom = b.take_denom()
         eps = b.s("eps")
-        ratio = torch._foreach_maximum(denom, [eps] * len(denom)) if F.is_tensor(eps) else \
-            torch._foreach_clamp_min(denom, eps)
-        torch._foreach_reciprocal_(ratio)
-        torch._foreach_mul_(ratio, b.grads)  # g / max(denom, eps): its mean square is the RMS^2
-        clip = torch._foreach_norm(ratio)
-        del ratio
+        if F.is_tensor(eps):  # compiled: one fused kernel computes the ratio anyway
+            ratio = torch._foreach_maximum(denom, [eps] * len(denom))
+            torch._foreach_reciprocal_(ratio)
+            torch._foreach_mul_(ratio, b.grads)  # g / max(denom, eps): its mean square is the RMS^2
+            clip = torch._foreach_norm(ratio)
+            del ratio
+        else:
+            clip = _ratio_norms(denom, b.grads, eps)
         torch._foreach_div_(clip, [math.sqrt(max(x.numel(), 1)) for x in denom])
         torch._foreach_clamp_min_(clip, 1.0)  # one 0-d value per tensor: max(1, RMS)
         # u / ((denom + eps) * max(1, RMS)): the clip rides on the denominator (no extra pass over
