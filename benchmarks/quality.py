@@ -33,6 +33,7 @@ VARIANTS = {  # name -> keywords of AdamW_adv (both libraries); None: plain adam
     "adamw_adv kourkoutas": {"kourkoutas_beta": True},
     "adamw_adv cautious_mask (legacy)": {"cautious_mask": True},
     "adamw_adv grams (legacy)": {"grams_moment": True},
+    "adamw_adv nnmf_factor": {"nnmf_factor": True},  # low-memory state (issue 5): SMMF factored moments
 }
 LEGACY = {"cautious_mask", "grams_moment", "use_AdEMAMix"}
 
@@ -88,8 +89,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of the variants (default: all)")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     torch.set_num_threads(args.threads)
     out = [f"## Quality: `python {shlex.join(sys.argv)}`", "",
            f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}; "
@@ -99,6 +105,8 @@ def main() -> None:
     for task in args.tasks.split(","):
         out += [f"### {task}", "", "| variant | adv_chain | adv-optm 2.5.16 (torch for adamw) |", "|---|---:|---:|"]
         for name, variant in VARIANTS.items():
+            if name not in args.variants.split(","):
+                continue
             print(f"  {task}: {name}", file=sys.stderr, flush=True)
             ours = [run(task, "adv_chain", variant, s, args.steps) for s in range(args.seeds)]
             ref = [run(task, "reference", variant, s, args.steps) for s in range(args.seeds)]

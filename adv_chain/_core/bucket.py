@@ -19,10 +19,12 @@ chain runs on data still in cache). All lists are aligned: ``b.params[i]``, ``b.
 * ``b.skip_apply`` - set when this step must not touch the parameters at all (no update, no decay).
 
 A wrapper transform that stores another transform's state differently (``factored_state``,
-``low_precision_state``) runs the inner transform on a few tensors at a time: :meth:`Bucket.own_states`
-gives it its stored state, :meth:`Bucket.part` a bucket over some tensors whose state is the wrapper's
-dense temporaries (the inner transform sees them through ``b.state(key)`` as if they were its own),
-and :meth:`Bucket.join` takes back the direction, signals and decay terms the parts computed.
+``low_precision_state``) runs the inner transform on a few tensors, or slices of tensors, at a time:
+:meth:`Bucket.own_states` gives it its stored state, :meth:`Bucket.part` a bucket over some tensors
+(or flat element ranges of them) whose state is the wrapper's dense temporaries (the inner transform
+sees them through ``b.state(key)`` as if they were its own), and :meth:`Bucket.join` /
+:meth:`Bucket.joiner` take back the direction, signals and decay terms the parts computed (a pending
+direction stays pending).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ Tensors = list[torch.Tensor]
 class Bucket:
     __slots__ = ("params", "_u", "_lazy", "grads", "signals", "decay_coef", "decay", "_u_owned", "_states",
                  "_scalars", "_current", "offsets", "noise_keys", "_frozen", "skip_apply", "eager_u",
-                 "_denom_div")
+                 "_denom_div", "_slices", "_index")
 
     def __init__(self, params: Tensors, u: Tensors, states: Mapping[str, Mapping[str, Tensors]],
                  scalars: Mapping[str, Mapping[str, Any]], *, grads: Tensors | None = None,
@@ -46,8 +48,10 @@ class Bucket:
                  noise_keys: list[Any] | None = None) -> None:
         self.params = params
         self._lazy: tuple[Tensors, Tensors | None, Any] | None = None
-        self.eager_u = False  # set on wrapper parts: their state temporaries are reused, never alias them
+        self.eager_u = False  # set when the state ``set_u_scaled`` would point into is about to be reused
         self._denom_div: Any = None  # the published "denom" signal is signals["denom"] / this
+        self._slices: list[Any] = []  # on a part: the element range of each tensor (None: whole)
+        self._index: list[int] = []   # on a part: the tensor of the whole bucket behind each entry
         self.u = u
         self.grads = u if grads is None else grads
         self._u_owned = u_owned
@@ -212,67 +216,245 @@ class Bucket:
         """Every state list of the calling transform, by key."""
         return self._states[self._current]
 
-    def part(self, index: list[int], states: Mapping[str, Tensors]) -> "Bucket":
+    def part(self, index: list[int], states: Mapping[str, Tensors],
+             slices: "list[tuple[int, int] | None] | None" = None) -> "Bucket":
         """A bucket over tensors ``index`` of this one for the calling transform, whose state is
         ``states`` (aligned with ``index``). Per-tensor lists (scalars of a reduce, signals, decay
-        terms, offsets, noise keys) are sliced; everything else is shared."""
+        terms, offsets, noise keys) are sliced; everything else is shared. ``slices`` (aligned with
+        ``index``; only for elementwise work on contiguous tensors) runs entry ``j`` on elements
+        ``start:end`` of the flattened tensor instead (``None``: the whole tensor): parameters,
+        direction, reference gradient and parameter-shaped signals and decay terms become flat
+        views, offsets move by ``start``; an index may then repeat."""
+        cuts = [None] * len(index) if slices is None else slices
+
         def pick(xs: Any) -> Any:
             return [xs[i] for i in index]
+
+        def pick_cut(xs: Any) -> Any:
+            if slices is None:
+                return pick(xs)
+            return [_cut(xs[i], self.params[i], c) for i, c in zip(index, cuts)]
 
         self._settle()
         n = len(self.params)
         name = self._current
         scalars = {k: (pick(v) if isinstance(v, (list, tuple)) and len(v) == n else v)
                    for k, v in self._scalars[name].items()}
-        sub = Bucket(pick(self.params), pick(self.u), {name: states}, {name: scalars},
-                     grads=pick(self.grads) if self._frozen else None, u_owned=self._u_owned,
-                     offsets=None if self.offsets is None else pick(self.offsets),
+        sub = Bucket(pick_cut(self.params), pick_cut(self.u), {name: states}, {name: scalars},
+                     grads=pick_cut(self.grads) if self._frozen else None, u_owned=self._u_owned,
+                     offsets=None if self.offsets is None else
+                     [self.offsets[i] + (0 if c is None else c[0]) for i, c in zip(index, cuts)],
                      noise_keys=None if self.noise_keys is None else pick(self.noise_keys))
-        sub.signals = {k: (pick(v) if isinstance(v, (list, tuple)) and len(v) == n else v)
+        sub.signals = {k: (pick_cut(v) if isinstance(v, (list, tuple)) and len(v) == n else v)
                        for k, v in self.signals.items()}
-        sub.eager_u = True
         sub.decay_coef = pick(self.decay_coef) if isinstance(self.decay_coef, list) else self.decay_coef
-        sub.decay = None if self.decay is None else pick(self.decay)
+        sub.decay = None if self.decay is None else pick_cut(self.decay)
         sub.skip_apply = self.skip_apply
         sub._current = name
+        sub._slices = cuts
+        sub._index = list(index)
         return sub
+
+    def joiner(self) -> "Join":
+        """Collects parts one at a time (:meth:`Join.add`, right after each part ran, so that its
+        temporaries can go) and hands the result to this bucket (:meth:`Join.finish`)."""
+        return Join(self)
 
     def join(self, parts: list[tuple[list[int], "Bucket"]]) -> None:
         """Take back what the inner transform did on ``parts`` (``(index, bucket)`` from :meth:`part`,
-        covering every tensor once): the direction (owned if every part owns its own; a part whose
-        direction aliases the wrapper's private temporaries should ``set_u(u, owned=True)``),
-        signals (per-tensor lists are reassembled, consumed ones removed), decay terms, skip flag."""
-        n = len(self.params)
+        covering every tensor once, or every element once with slices): the direction, signals
+        (per-tensor lists are reassembled, consumed ones removed), decay terms, skip flag."""
+        j = Join(self)
+        for _, sub in parts:
+            j.add(sub)
+        j.finish()
 
-        def gather(lists: list[Any]) -> list[Any]:
-            out: list[Any] = [None] * n
-            for (index, _), values in zip(parts, lists):
-                for j, i in enumerate(index):
-                    out[i] = values[j]
-            return out
 
-        subs = [sub for _, sub in parts]
-        for sub in subs:
-            sub._settle()
-        owned = all(sub._u_owned for sub in subs)
-        self.set_u(gather([sub.u for sub in subs]), owned=owned)
-        if not self._frozen:
-            self.grads = self.u
-        for key in [k for k in self.signals if all(k not in sub.signals for sub in subs)]:
-            del self.signals[key]  # consumed by the inner transform
-        for key in {k for sub in subs for k in sub.signals}:
-            values = [sub.signals.get(key) for sub in subs]
-            per_tensor = all(isinstance(v, (list, tuple)) and len(v) == len(index) for v, (index, _) in zip(values, parts))
-            self.signals[key] = gather(values) if per_tensor else values[-1]
-        if any(sub.decay is not None for sub in subs):
-            self.decay = gather([sub.decay if sub.decay is not None else
-                                 [torch.zeros_like(p, dtype=torch.float32) for p in sub.params] for sub in subs])
-        if any(isinstance(sub.decay_coef, list) for sub in subs):
-            self.decay_coef = gather([sub.decay_coef if isinstance(sub.decay_coef, list) else
-                                      [sub.decay_coef] * len(sub.params) for sub in subs])
+def _cut(x: Any, p: torch.Tensor, cut: "tuple[int, int] | None") -> Any:
+    """Elements ``start:end`` of ``x`` flattened when ``x`` is shaped like ``p`` (else ``x``)."""
+    if cut is None or not isinstance(x, torch.Tensor) or x.dim() == 0 or x.numel() != p.numel():
+        return x
+    return x.view(-1)[cut[0]:cut[1]]
+
+
+class _Assembled:
+    """One per-tensor output rebuilt from its slices, in order: a view of the buffer the slices
+    already sit in (consecutive views of one parameter-sized tensor, e.g. a wrapper's temporary),
+    else a new tensor they are copied into."""
+
+    __slots__ = ("like", "full", "done", "aliased", "owned")
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.like, self.full, self.done, self.aliased, self.owned = like, None, 0, False, True
+
+    def add(self, cut: "tuple[int, int] | None", x: torch.Tensor, owned: bool = True, div: Any = None) -> None:
+        """Slice ``cut`` of the output is ``x`` (divided by ``div`` when given: ``x`` is then the
+        part's own temporary)."""
+        if cut is None:
+            if div is not None:
+                torch.div(x, div, out=x)
+            self.full, self.aliased, self.owned = x, True, owned
+            return
+        start, end = cut
+        n = self.like.numel()
+        if self.full is None:
+            base = x.storage_offset() - start
+            size = x.untyped_storage().nbytes() // x.element_size()
+            if x.is_contiguous() and base >= 0 and size == n:  # x sits in a parameter-sized buffer
+                self.full = x.as_strided(self.like.shape, _contiguous_strides(self.like.shape), base)
+                self.aliased, self.owned = True, owned
+            else:
+                self.full = torch.empty(self.like.shape, dtype=x.dtype, device=x.device)
+        flat = self.full.view(-1)
+        if self.aliased and not (x.data_ptr() == flat[start:].data_ptr() and x.is_contiguous()
+                                 and x.dtype == flat.dtype):
+            # not where the earlier slices are: continue in a buffer of our own
+            own = torch.empty(self.like.shape, dtype=flat.dtype, device=flat.device)
+            own.view(-1)[:self.done].copy_(flat[:self.done])
+            self.full, self.aliased, self.owned = own, False, True
+            flat = own.view(-1)
+        if not self.aliased:
+            if div is None:
+                flat[start:end].copy_(x.reshape(-1))
+            else:
+                torch.div(x.reshape(-1), div, out=flat[start:end])
         else:
-            self.decay_coef = subs[-1].decay_coef
-        self.skip_apply = any(sub.skip_apply for sub in subs)
+            if div is not None:
+                torch.div(x, div, out=x)
+            self.owned = self.owned and owned
+        self.done = end
+
+
+def _contiguous_strides(shape: Any) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+_UNSET = object()
+
+
+class Join:
+    """What :meth:`Bucket.join` does, one part at a time (see :meth:`Bucket.joiner`). A direction
+    left pending by every part (``u = num * scale [/ den]`` with one ``scale``) stays pending in the
+    whole bucket, its ``num`` reassembled without a copy when the parts' ``num`` are views of one
+    parameter-sized temporary."""
+
+    def __init__(self, b: Bucket) -> None:
+        self.b = b
+        n = len(b.params)
+        self.lazy = True
+        self.scale: Any = _UNSET
+        self.num = [_Assembled(p) for p in b.params]
+        self.den: list[_Assembled] | None = None
+        self.signals: dict[str, Any] = {}
+        self.per_tensor: dict[str, list[Any]] = {}
+        self.decay: list[_Assembled] | None = None
+        self.decay_coef: Any = _UNSET
+        self.coef_list: list[Any] | None = None
+        self.skip = False
+        self.n = n
+        self.seen_keys: set[str] = set()
+
+    def _materialize(self) -> None:
+        """Turn the pending direction collected so far into computed slices."""
+        for i, num in enumerate(self.num):
+            if num.full is None:
+                continue
+            u = torch.mul(num.full, self.scale)
+            if self.den is not None and self.den[i].full is not None:
+                u.div_(self.den[i].full)
+            self.num[i] = fresh = _Assembled(num.like)
+            fresh.full, fresh.done = u, num.done
+        self.lazy, self.den = False, None
+
+    def add(self, sub: Bucket) -> None:
+        cuts = sub._slices
+        div = None  # a pending "denom" divisor is applied while the slices are copied together
+        denom = sub.signals.get("denom")
+        if sub._denom_div is not None and isinstance(denom, (list, tuple)) and len(denom) == len(cuts):
+            div, sub._denom_div = sub._denom_div, None
+        sub._settle()
+        lazy = sub.lazy_u
+        first = self.scale is _UNSET
+        if self.lazy and lazy is not None and not isinstance(lazy[2], list) and (
+                first or (lazy[2] is self.scale or (not F.is_tensor(lazy[2]) and lazy[2] == self.scale))) and (
+                first or (lazy[1] is None) == (self.den is None)):
+            num, den, self.scale = lazy
+            if den is not None and self.den is None:
+                self.den = [_Assembled(p) for p in self.b.params]
+            for j, (i, cut) in enumerate(zip(sub._index, cuts)):
+                self.num[i].add(cut, num[j], False)
+                if den is not None:
+                    self.den[i].add(cut, den[j])
+        else:
+            if self.lazy and not first:
+                self._materialize()
+            self.lazy = False
+            owned = sub.u_owned
+            for j, (i, cut) in enumerate(zip(sub._index, cuts)):
+                self.num[i].add(cut, sub.u[j], owned)
+        for key, value in sub.signals.items():
+            self.seen_keys.add(key)
+            if isinstance(value, (list, tuple)) and len(value) == len(cuts):
+                slots = self.per_tensor.setdefault(key, [None] * self.n)
+                for j, (i, cut) in enumerate(zip(sub._index, cuts)):
+                    v = value[j]
+                    if cut is not None and isinstance(v, torch.Tensor) and v.dim() and v.numel() == cut[1] - cut[0]:
+                        if not isinstance(slots[i], _Assembled):
+                            slots[i] = _Assembled(self.b.params[i])
+                        slots[i].add(cut, v, div=div if key == "denom" else None)
+                    else:
+                        if key == "denom" and div is not None and isinstance(v, torch.Tensor):
+                            v = torch.div(v, div, out=v) if cut is None else v.div(div)
+                        slots[i] = v
+            else:
+                self.signals[key] = value
+        if sub.decay is not None and self.decay is None:
+            self.decay = [_Assembled(p) for p in self.b.params]
+            for i in range(self.n):  # parts without decay terms contributed zeros
+                self.decay[i].full = torch.zeros_like(self.b.params[i], dtype=torch.float32)
+        if self.decay is not None:
+            terms = sub.decay if sub.decay is not None else None
+            for j, (i, cut) in enumerate(zip(sub._index, cuts)):
+                if terms is not None:
+                    self.decay[i].add(cut, terms[j])
+        if isinstance(sub.decay_coef, list):
+            if self.coef_list is None:
+                self.coef_list = [self.decay_coef if self.decay_coef is not _UNSET else 0.0] * self.n
+            for j, i in enumerate(sub._index):
+                self.coef_list[i] = sub.decay_coef[j]
+        else:
+            self.decay_coef = sub.decay_coef
+            if self.coef_list is not None:
+                for i in sub._index:
+                    self.coef_list[i] = sub.decay_coef
+        self.skip = self.skip or sub.skip_apply
+
+    def finish(self) -> None:
+        b = self.b
+        if self.lazy and self.scale is not _UNSET:
+            b.set_u_scaled([a.full for a in self.num], self.scale)
+            if self.den is not None:
+                b.divide_u_([a.full for a in self.den])
+        else:
+            b.set_u([a.full for a in self.num], owned=all(a.owned for a in self.num))
+        if not b._frozen:
+            b.grads = b.u
+        for key in [k for k in b.signals if k not in self.seen_keys]:
+            del b.signals[key]  # consumed by the inner transform
+        b.signals.update(self.signals)
+        for key, slots in self.per_tensor.items():
+            b.signals[key] = [v.full if isinstance(v, _Assembled) else v for v in slots]
+        if self.decay is not None:
+            b.decay = [a.full for a in self.decay]
+        if self.coef_list is not None:
+            b.decay_coef = self.coef_list
+        elif self.decay_coef is not _UNSET:
+            b.decay_coef = self.decay_coef
+        b.skip_apply = self.skip
 
 
 def run_transforms(transforms: tuple, b: Bucket) -> None:

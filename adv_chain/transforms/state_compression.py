@@ -7,10 +7,12 @@
   blocks with one fp32 scale per block (adv_optm's ``state_precision='bf16_sr'``/``'int8_sr'``;
   its ``'fp16'`` crashes, this one works).
 
-Both run the wrapped transform unchanged: for a few tensors at a time (at most ``chunk_bytes`` of
-dense state, at least one tensor) they rebuild the dense fp32 state as temporaries, run the inner
-``update`` on a part of the bucket in which ``b.state(key)`` returns those temporaries, and store the
-result compressed again. The wrapper takes the inner transform's name, so state keys read
+Both run the wrapped transform unchanged: a chunk at a time (at most ``chunk_bytes`` of dense state,
+at least one slice; an elementwise inner transform runs on cache-sized slices of each tensor, cut at
+whole matrix rows or int8 blocks, see :mod:`adv_chain.transforms.state_slices`) they rebuild the
+dense fp32 state as temporaries, run the inner ``update`` on a part of the bucket in which
+``b.state(key)`` returns those temporaries, and store the result compressed again. The slicing is
+fixed by each tensor's shape, so ``chunk_bytes`` never changes the numbers. The wrapper takes the inner transform's name, so state keys read
 ``"adam/exp_avg:row"``, param-group overrides stay ``"adam.betas"``, and the signals the inner
 transform publishes (``denom``) reach the transforms after it. The direction of a step is computed
 from the full-precision updated state, not from its compressed copy (as SMMF and adv_optm do).
@@ -27,8 +29,9 @@ from .._core.numerics import noise_key
 from .._core.transform import _NAME_RE, HostView, StateSpec, Transform, transform_from_config
 from .state_codecs import (  # noqa: F401 - the formats, re-exported
     _TINY, _BIT_WEIGHTS, DEFAULT_CHUNK_BYTES, LOW_PRECISION_DTYPES, _TORCH_DTYPES, _PARTS, _bad, matrix_shape,
-    nnmf, pack_bits, unpack_bits, reconstruct, compress, _state_float, _factored_layout, _build_part, _noise,
-    _tensor_key, round_to, quantize_blocks, dequantize_blocks)
+    nnmf, pack_bits, unpack_bits, reconstruct, compress, _state_float, _factored_layout, _build_part,
+    round_to, quantize_blocks, dequantize_blocks)
+from .state_slices import FactoredCodec, LowPrecisionCodec, run_sliced
 
 
 # -- the wrappers ---------------------------------------------------------------------------------
@@ -40,8 +43,8 @@ class _StateWrapper(Transform):
 
     scope = "tensor"
     stage = "moment"  # replaced by the inner transform's stage on each instance
-    #: data-dependent packing and per-tensor Python loops: under ``compile=True`` the segment holding
-    #: a wrapper runs eagerly (the other segments stay compiled)
+    #: data-dependent zero masks and a Python loop over slices: under ``compile=True`` the segment
+    #: holding a wrapper runs eagerly (the other segments stay compiled)
     compilable = False
 
     def _setup(self, inner: Any, name: str | None, options: dict[str, Any]) -> None:
@@ -111,29 +114,9 @@ class _StateWrapper(Transform):
     def host_scalars(self, h: HostView) -> dict[str, Any]:
         return self.inner.host_scalars(h)
 
-    def _run_inner(self, b: Any, index: list[int], temps: dict[str, list[torch.Tensor]],
-                   private: set[int]) -> Any:
-        """Run the inner transform on tensors ``index`` with ``temps`` as its state; a direction that
-        aliases the private temporaries (momentum's buffer) is the part's own."""
-        sub = b.part(index, temps)
-        self.inner.update(sub)
-        if not sub.u_owned and all(id(x) in private for x in sub.u):
-            sub.set_u(sub.u, owned=True)
-        return sub
-
-    def _chunks(self, b: Any, dense_bytes: list[int]) -> list[list[int]]:
-        """Consecutive tensors grouped under ``chunk_bytes`` of dense state (at least one each)."""
-        limit = self.options["chunk_bytes"]
-        out: list[list[int]] = []
-        total = 0
-        for i, nbytes in enumerate(dense_bytes):
-            if out and total + nbytes <= limit:
-                out[-1].append(i)
-                total += nbytes
-            else:
-                out.append([i])
-                total = nbytes
-        return out
+    def _chunk_elems(self, keys: int) -> int:
+        """Elements per chunk: ``chunk_bytes`` of dense fp32 state over ``keys`` state keys."""
+        return max(1, self.options["chunk_bytes"] // (4 * max(1, keys)))
 
     def _check_chunk_bytes(self, chunk_bytes: Any) -> int:
         if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes < 1:
@@ -158,8 +141,9 @@ class FactoredState(_StateWrapper):
     dense state sits in ``"<key>:row"`` with the other parts empty, so all parameters share keys.
     ``keys`` limits factoring to some state keys (``("exp_avg_sq",)``: adv_optm's
     ``factored_2nd``); other state, and state that is not ``factorable``, passes through unchanged.
-    Every step rebuilds the dense state of a few tensors (at most ``chunk_bytes``), runs ``inner``
-    on it and factors the result again; this step's direction uses the exact updated state.
+    Every step rebuilds the dense state of a few rows at a time (at most ``chunk_bytes``), runs
+    ``inner`` on them and factors them again (row sums at once, column sums accumulated over the
+    rows); this step's direction uses the exact updated state.
     Memory: ``4 (d1 + d2)`` bytes per key, plus ``d1 ceil(d2/8)`` for a signed key. Only ``rank=1``.
 
     >>> import adv_chain as ac
@@ -227,44 +211,7 @@ class FactoredState(_StateWrapper):
         factored = sorted({k.rpartition(":")[0] for k in stored if k.endswith(":row") and k[:-4] + ":col" in stored})
         parts = {f"{k}:{p}" for k in factored for p in _PARTS}
         passing = {k: v for k, v in stored.items() if k not in parts}
-        n = len(b.params)
-        dense_bytes = [len(factored) * p.numel() * 4 for p in b.params]
-        done = []
-        for index in self._chunks(b, dense_bytes):
-            temps: dict[str, list[torch.Tensor]] = {k: [v[i] for i in index] for k, v in passing.items()}
-            private: set[int] = set()
-            rebuilt: list[tuple[str, int, torch.Tensor]] = []
-            for key in factored:
-                row, col = stored[f"{key}:row"], stored[f"{key}:col"]
-                sign, zero = stored.get(f"{key}:sign"), stored.get(f"{key}:zero")
-                lst = []
-                for i in index:
-                    if col[i].numel() == 0:  # kept dense: the inner transform works on it in place
-                        lst.append(row[i])
-                        continue
-                    x = reconstruct(row[i], col[i], None if sign is None else sign[i],
-                                    None if zero is None else zero[i]).view(b.params[i].shape)
-                    private.add(id(x))
-                    rebuilt.append((key, i, x))
-                    lst.append(x)
-                temps[key] = lst
-            sub = self._run_inner(b, index, temps, private)
-            for key, i, x in rebuilt:
-                row, col = stored[f"{key}:row"][i], stored[f"{key}:col"][i]
-                sign = stored.get(f"{key}:sign")
-                new = compress(x.reshape(row.numel(), col.numel()), signed=sign is not None)
-                row.copy_(new["row"])
-                col.copy_(new["col"])
-                if sign is not None:
-                    sign[i].copy_(new["sign"])
-                    zero = stored[f"{key}:zero"][i]
-                    if zero.shape != new["zero"].shape or zero.numel():
-                        zero.set_(new["zero"])  # in place: the optimizer's state dict holds this tensor
-            rebuilt.clear()
-            temps.clear()  # free this chunk's dense state before the next one
-            done.append((index, sub))
-        assert sum(len(i) for i, _ in done) == n
-        b.join(done)
+        run_sliced(self, b, {k: FactoredCodec(stored, k) for k in factored}, passing, self._chunk_elems(len(factored)))
 
 
 class _Builder:
@@ -320,9 +267,12 @@ class LowPrecisionState(_StateWrapper):
       (``kind="nonneg"`` state, ``max x/255``) and ``"<key>:scale"``, one fp32 scale per block of
       ``block_size`` elements (adv_optm's ``'int8_sr'`` uses 2048).
 
-    The noise is counter-based (a hash of ``seed``, the step, the key and each value's bits, see
-    :mod:`adv_chain._core.numerics`): reproducible, no generator state, global RNG untouched.
-    Dtypes survive ``state_dict``/``load_state_dict``.
+    The noise is counter-based (a function of ``seed``, the step, the key, the parameter and the
+    element's index in the flattened tensor, see :mod:`adv_chain.transforms.state_codecs`): one
+    table lookup per element, reproducible, the same for any chunking, no generator state, global
+    RNG untouched. (The parameter part is the terminal's noise key, e.g. with
+    :func:`stochastic_round_apply`; with a terminal that has none, the tensor's position in its
+    bucket.) Dtypes survive ``state_dict``/``load_state_dict``.
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.low_precision_state(ac.scale_by_adam(), "int8"), ac.eps_divide(), ac.apply())["adam"]
@@ -378,33 +328,11 @@ class LowPrecisionState(_StateWrapper):
         low = (torch.int8, torch.uint8) if mode == "int8" else (_TORCH_DTYPES[mode],)
         keys = sorted(k for k, v in stored.items() if ":" not in k and v and v[0].dtype in low)
         step = int(b.s("sr_step"))  # a static scalar: a Python int under compile=True too (no host sync)
-        hkeys = {k: noise_key(self.options["seed"], step, zlib.crc32(k.encode())) for k in keys}
-        dense_bytes = [len(keys) * p.numel() * 4 for p in b.params]
-        done = []
-        for index in self._chunks(b, dense_bytes):
-            temps: dict[str, list[torch.Tensor]] = {k: [v[i] for i in index] for k, v in stored.items()}
-            private: set[int] = set()
-            for key in keys:
-                if mode == "int8":
-                    scales = stored[f"{key}:scale"]
-                    temps[key] = [dequantize_blocks(stored[key][i], scales[i], block, torch.float32) for i in index]
-                else:
-                    temps[key] = [stored[key][i].float() for i in index]
-                private.update(id(x) for x in temps[key])
-            sub = self._run_inner(b, index, temps, private)
-            for key in keys:
-                for j, i in enumerate(index):
-                    x = temps[key][j]
-                    hk = hkeys[key] ^ _tensor_key(b, i)
-                    if mode == "int8":
-                        q, scale = quantize_blocks(x, stored[key][i].dtype == torch.int8, block, hk)
-                        stored[key][i].copy_(q)
-                        stored[f"{key}:scale"][i].copy_(scale)
-                    else:
-                        stored[key][i].copy_(round_to(x, stored[key][i].dtype, hk))
-            temps.clear()
-            done.append((index, sub))
-        b.join(done)
+        codecs = {k: LowPrecisionCodec(b, stored, k, block, noise_key(self.options["seed"], step, zlib.crc32(k.encode())))
+                  for k in keys}
+        scales = {f"{k}:scale" for k in keys}
+        passing = {k: v for k, v in stored.items() if k not in codecs and k not in scales}
+        run_sliced(self, b, codecs, passing, self._chunk_elems(len(keys)))
 
 
 factored_state = FactoredState
