@@ -1,4 +1,5 @@
-"""Per-feature overhead: step time of AdamW_adv with one feature on / the same optimizer without it.
+"""Per-feature overhead: step time of AdamW_adv with one feature on / the same optimizer without it
+(a row may name another optimizer, e.g. Lion_adv for Lion-K, and another baseline).
 
 For adv_chain (eager and ``compile=True``) and for the installed adv-optm 2.5.16 (features it still
 has), each feature is timed in alternating pairs against its own library's plain ``AdamW_adv`` in
@@ -24,7 +25,7 @@ from _timing import time_alternating_pairs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LR = 1e-3
-FEATURES = {  # name -> (keywords, available in adv-optm 2.5.16)
+FEATURES = {  # name -> (keywords, available in adv-optm 2.5.16[, optimizer[, (baseline optimizer, its keywords)]])
     "orthograd": ({"orthogonal_gradient": "flattened"}, True),
     "cautious_mask": ({"cautious_mask": True}, False),
     "grams": ({"grams_moment": True}, False),
@@ -37,17 +38,23 @@ FEATURES = {  # name -> (keywords, available in adv-optm 2.5.16)
     "factored_2nd": ({"factored_2nd": True}, True),
     "bf16_sr state": ({"state_precision": "bf16_sr"}, True),
     "int8_sr state": ({"state_precision": "int8_sr"}, True),
+    "spectral_normalization": ({"spectral_normalization": True}, True),
+    # the sign family, each against its own plain optimizer
+    "lion_k (Lion_adv, kappa_p=2)": ({"kappa_p": 2.0}, True, "Lion_adv"),
+    "stochastic_sign (Lion_adv)": ({"stochastic_sign": True}, True, "Lion_adv"),
+    "spectral_normalization (Lion_adv)": ({"spectral_normalization": True}, True, "Lion_adv"),
+    "sinkhorn (SinkSGD_adv / SignSGD_adv momentum=0)": ({}, True, "SinkSGD_adv", ("SignSGD_adv", {"momentum": 0.0})),
 }
 
 
-def adv_chain_step(params, compile: bool, **kw):
+def adv_chain_step(params, compile: bool, cls: str = "AdamW_adv", **kw):
     import adv_chain as ac
-    return ac.optim.AdamW_adv(params, lr=LR, compile=compile, **kw).step
+    return getattr(ac.optim, cls)(params, lr=LR, compile=compile, **kw).step
 
 
-def adv_optm_step(params, **kw):
+def adv_optm_step(params, cls: str = "AdamW_adv", **kw):
     import adv_optm
-    return adv_optm.AdamW_adv(params, lr=LR, **kw).step
+    return getattr(adv_optm, cls)(params, lr=LR, **kw).step
 
 
 def ratio(template, make_base, make_row, args, compiles: bool) -> str:
@@ -68,10 +75,12 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--pairs", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--features", default=",".join(FEATURES), help="comma-separated subset of the features")
+    parser.add_argument("--features", default=",".join(FEATURES),
+                        help="comma-separated subset of the features (a prefix picks every row that starts with it)")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
-    wanted = args.features.split(",")
+    prefixes = args.features.split(",")
+    wanted = {n for n in FEATURES if any(n == w or n.startswith(w) for w in prefixes)}
     out = [f"## Per-feature overhead: `python {shlex.join(sys.argv)}`", "",
            f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}",
            "- each cell: median (p25–p75) of step time with the feature / without it, same library, same run", ""]
@@ -81,15 +90,18 @@ def main() -> None:
             torch.set_num_threads(threads)
             out += [f"### {set_name}: {len(template)} tensors, {count_params(template):,} params, threads={threads}",
                     "", "| feature | adv_chain eager | adv_chain compile=True | adv-optm 2.5.16 |", "|---|---:|---:|---:|"]
-            for name, (kw, in_reference) in FEATURES.items():
+            for name, (kw, in_reference, *which) in FEATURES.items():
                 if name not in wanted:
                     continue
+                cls = which[0] if which else "AdamW_adv"
+                base_cls, base_kw = which[1] if len(which) > 1 else (cls, {})
                 print(f"  {set_name} threads={threads} {name}", file=sys.stderr, flush=True)
-                eager = ratio(template, lambda p: adv_chain_step(p, False), lambda p: adv_chain_step(p, False, **kw),
-                              args, False)
-                compiled = ratio(template, lambda p: adv_chain_step(p, True), lambda p: adv_chain_step(p, True, **kw),
-                                 args, True)
-                reference = (ratio(template, adv_optm_step, lambda p: adv_optm_step(p, **kw), args, False)
+                eager = ratio(template, lambda p: adv_chain_step(p, False, base_cls, **base_kw),
+                              lambda p: adv_chain_step(p, False, cls, **kw), args, False)
+                compiled = ratio(template, lambda p: adv_chain_step(p, True, base_cls, **base_kw),
+                                 lambda p: adv_chain_step(p, True, cls, **kw), args, True)
+                reference = (ratio(template, lambda p: adv_optm_step(p, base_cls, **base_kw),
+                                   lambda p: adv_optm_step(p, cls, **kw), args, False)
                              if in_reference else "only in 2.2.3 (not installable beside 2.5.16)")
                 out.append(f"| {name} | {eager} | {compiled} | {reference} |")
                 print(out[-1], flush=True)

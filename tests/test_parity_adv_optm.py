@@ -121,7 +121,7 @@ def test_preset_lookup_ignores_case_and_aliases_exist():
     assert ac.optim.Adam_Adv is ac.optim.AdamW_adv
 
 
-@pytest.mark.parametrize("flag", [{"layer_key_fn": lambda p: 0}, {"spectral_normalization": True}])
+@pytest.mark.parametrize("flag", [{"layer_key_fn": lambda p: 0}])
 def test_features_not_yet_in_adv_chain_are_refused_by_name(flag):
     (name, value), = flag.items()
     with pytest.raises(NotImplementedError, match=name):

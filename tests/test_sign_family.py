@@ -311,7 +311,6 @@ def test_presets_and_drop_ins_are_registered_with_the_reference_defaults():
     (lambda: ac.presets.signsgd_adv(nesterov=True, nesterov_coef=1.5), ValueError, r"nesterov_coef=1.5 .*\[0.0, 1.0\]"),
     (lambda: ac.presets.signsgd_adv(geometric_wd=True, centered_wd=0.1), NotImplementedError,
      r"signsgd_adv: centered_wd=0.1 together with geometric_wd=True"),
-    (lambda: ac.presets.sinksgd_adv(spectral_normalization=True), NotImplementedError, r"spectral_normalization"),
     (lambda: ac.presets.get("signsgd_adv", kappa_p=2.0), TypeError, r"signsgd_adv.*kappa_p"),
     (lambda: ac.sign_momentum(0.0, publish_prev=True), ValueError, r"momentum=0.0 keeps no momentum"),
     (lambda: ac.sinkhorn(iterations=-2), ValueError, r"sinkhorn: iterations=-2 must be an int >= 0"),

@@ -10,7 +10,8 @@ from ._base import _DropIn
 class SignSGD_adv(_DropIn):  # noqa: N801 - the reference's class name
     """adv_optm's ``SignSGD_adv`` as a chain (preset ``signsgd_adv``; Signum, arXiv 1802.04434):
     every 2.5.16 keyword with its default; ``compiled_optimizer=True`` means ``compile=True``.
-    ``spectral_normalization=True`` and ``geometric_wd`` with ``centered_wd`` are refused by name.
+    ``spectral_normalization=True`` -> :func:`adv_chain.spectral_normalization`; ``geometric_wd`` with
+    ``centered_wd`` is refused by name.
 
     >>> import torch, adv_chain as ac
     >>> model = torch.nn.Linear(4, 2)

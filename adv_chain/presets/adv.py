@@ -76,6 +76,13 @@ def _normed_mode(preset: str, normed_momentum: bool, use_atan2: bool, use_ademam
     return "atan2" if use_atan2 else "eps"
 
 
+def spectral_stage(preset: str, enabled: bool, seed: int, step_size: str | None = None) -> tuple[Transform, ...]:
+    """adv_optm's ``spectral_normalization`` (:func:`spectral_normalization`, after the direction masks)."""
+    if not checks.flag(preset, "spectral_normalization", enabled):
+        return ()
+    return (T.spectral_normalization(seed=seed, step_size=step_size),)
+
+
 def decay_stage(weight_decay: float, cautious_wd: bool) -> Transform:
     if checks.flag("preset", "cautious_wd", cautious_wd):
         return T.cautious_wd(weight_decay, name="weight_decay")
@@ -120,7 +127,8 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     :func:`grams`; ``stochastic_rounding`` -> :func:`stochastic_round_apply` (bf16 weights).
     ``fisher_wd`` -> :func:`fisher_wd` before the normalizer (not with ``normed_momentum`` yet);
     ``centered_wd``/``centered_wd_mode`` -> :func:`centered_wd` after the ordinary decay (cautious
-    with ``cautious_wd``).
+    with ``cautious_wd``). ``spectral_normalization`` -> :func:`spectral_normalization` after the masks
+    (it normalizes ``m/bc1/D``, so the bias correction cancels: adv_optm's B13, a 10x first step, fixed).
     ``orthogonal_gradient='iterative'`` -> ``orthograd(mode='iterative')``. ``normed_momentum`` ->
     ``scale_by_adam(normed_momentum='eps')`` (``'atan2'`` with ``use_atan2``), which normalizes the
     gradient before the first moment and publishes no denominator, so the chain has no
@@ -135,7 +143,6 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     ('orthograd', 'adam', 'weight_decay', 'apply')
     """
     name = "adamw_adv"
-    not_yet(name, spectral_normalization=spectral_normalization)
     storage = {"state_precision": state_precision, "nnmf_factor": nnmf_factor, "vector_reshape": vector_reshape,
                "seed": seed}
     checks.flag(name, "use_AdEMAMix", use_AdEMAMix)
@@ -166,6 +173,7 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
         # normed momentum: scale_by_adam already normalized (it publishes no denominator)
         *(() if normed else (T.atan2_scale(bias_correction="outside") if use_atan2 else T.eps_divide(eps),)),
         *direction_mask(name, cautious_mask, grams_moment),
+        *spectral_stage(name, spectral_normalization, seed),
         decay_stage(weight_decay, cautious_wd),
         *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),
@@ -194,7 +202,6 @@ def lion_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0
     """
     from .sign import lion_projection, tensor_clip_stage  # here: presets.sign imports this module
     name = "lion_adv"
-    not_yet(name, spectral_normalization=spectral_normalization)
     projection = lion_projection(name, kappa_p, auto_kappa_p, stochastic_sign, seed)
     return chain(
         *tensor_clip_stage(name, clip_threshold),
@@ -203,6 +210,7 @@ def lion_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0
                vector_reshape=vector_reshape),
         *projection,
         *direction_mask(name, cautious_mask, False),
+        *spectral_stage(name, spectral_normalization, seed),
         decay_stage(weight_decay, cautious_wd),
         *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),
@@ -234,20 +242,21 @@ def adopt_adv(betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6, wei
     """
     name = "adopt_adv"
     fisher_wd = checks.flag(name, "fisher_wd", fisher_wd)
-    not_yet(name, spectral_normalization=spectral_normalization, use_AdEMAMix=use_AdEMAMix,
-            Simplified_AdEMAMix=Simplified_AdEMAMix)
+    not_yet(name, use_AdEMAMix=use_AdEMAMix, Simplified_AdEMAMix=Simplified_AdEMAMix)
     use_atan2 = checks.flag(name, "use_atan2", use_atan2)
+    spectral = spectral_stage(name, spectral_normalization, seed)
     return chain(
         *gradient_stage(name, orthogonal_gradient),
         *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps),
         stored(name, T.scale_by_adopt(betas=betas, eps=eps, clip_exponent=clip_exponent, clip_step_offset=-1,
-                                      use_atan2=use_atan2, skip_first=not use_atan2,
+                                      use_atan2=use_atan2, skip_first=not (use_atan2 or spectral),
                                       nesterov=checks.flag(name, "nesterov", nesterov), nesterov_coef=nesterov_coef,
                                       publish_denom=fisher_wd),
                state_precision=state_precision, nnmf_factor=nnmf_factor, factored_2nd=factored_2nd,
                vector_reshape=vector_reshape, seed=seed),
         *fisher_stage(name, fisher_wd, eps, use_atan2),
         *direction_mask(name, cautious_mask, grams_moment),
+        *spectral,
         decay_stage(weight_decay, cautious_wd),
         *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),

@@ -9,7 +9,7 @@ from .. import transforms as T
 from .._core import checks
 from .._core.chain import Chain, chain
 from ._registry import register
-from .adv import decay_stage, gradient_stage, not_yet
+from .adv import decay_stage, gradient_stage, not_yet, spectral_stage
 from .classic import terminal
 
 
@@ -72,7 +72,8 @@ def prodigy_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1
     ``state_precision`` ``'auto'``/``'fp32'`` both keep fp32 moments; ``vector_reshape`` only matters
     for factored state. Not implemented yet (``NotImplementedError`` naming the keyword):
     ``fisher_wd``, ``factored_2nd``, ``nnmf_factor``, other ``state_precision`` values, ``eps=None``,
-    ``prodigy_steps``, ``kourkoutas_beta``, ``centered_wd``, ``spectral_normalization``, ``fsdp_in_use``.
+    ``prodigy_steps``, ``kourkoutas_beta``, ``centered_wd``, ``fsdp_in_use``. ``spectral_normalization`` ->
+    :func:`spectral_normalization` with Prodigy's ``d`` kept as the step size (adv_optm: ``spectral(u, d*lr)``).
 
     >>> import adv_chain as ac
     >>> ac.presets.prodigy_adv(orthogonal_gradient="flattened", weight_decay=0.1, cautious_wd=True).names
@@ -82,7 +83,7 @@ def prodigy_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1
     not_yet(name, fisher_wd=checks.flag(name, "fisher_wd", fisher_wd), factored_2nd=factored_2nd,
             nnmf_factor=nnmf_factor, state_precision=state_precision not in ("auto", "fp32") and state_precision,
             prodigy_steps=prodigy_steps, kourkoutas_beta=kourkoutas_beta,
-            centered_wd=centered_wd, spectral_normalization=spectral_normalization)
+            centered_wd=centered_wd)
     if eps is None:
         raise NotImplementedError(f"{name}: eps=None (the scale-invariant 1/sqrt(N) epsilon) is not implemented for "
                                   "Prodigy yet; pass a number")
@@ -95,6 +96,7 @@ def prodigy_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1
                   safeguard_warmup=safeguard_warmup, slice_p=slice_p, d_limiter=d_limiter, step_d="current",
                   use_atan2=checks.flag(name, "use_atan2", use_atan2), nesterov=checks.flag(name, "nesterov", nesterov),
                   nesterov_coef=nesterov_coef),
+        *spectral_stage(name, spectral_normalization, seed, step_size="wd_scale"),
         decay_stage(weight_decay, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),
     )

@@ -18,7 +18,7 @@ from .._core.chain import Chain, chain
 from .._core.transform import Transform
 from ._registry import register
 from ._storage import stored
-from .adv import centered_stage, decay_stage, gradient_stage, not_yet
+from .adv import centered_stage, decay_stage, gradient_stage, spectral_stage
 from .classic import terminal
 
 
@@ -45,8 +45,7 @@ def tensor_clip_stage(preset: str, clip_threshold: float) -> tuple[Transform, ..
 
 
 def _common(preset: str, normed_momentum: bool, snr_cond: bool, momentum: float, geometric_wd: bool,
-            centered_wd: float, spectral_normalization: bool) -> tuple[bool, bool, bool]:
-    not_yet(preset, spectral_normalization=spectral_normalization)
+            centered_wd: float) -> tuple[bool, bool, bool]:
     normed = checks.flag(preset, "normed_momentum", normed_momentum)
     snr = checks.flag(preset, "snr_cond", snr_cond)
     checks.unit_interval(preset, "momentum", momentum)
@@ -100,8 +99,7 @@ def signsgd_adv(momentum: float = 0.9, weight_decay: float = 0.0, geometric_wd: 
     ('sign', 'sign_momentum', 'snr_condition', 'weight_decay', 'apply')
     """
     name = "signsgd_adv"
-    normed, snr, geometric = _common(name, normed_momentum, snr_cond, momentum, geometric_wd, centered_wd,
-                                     spectral_normalization)
+    normed, snr, geometric = _common(name, normed_momentum, snr_cond, momentum, geometric_wd, centered_wd)
     stochastic = checks.flag(name, "stochastic_sign", stochastic_sign)
     direction = T.stochastic_sign(seed=seed) if stochastic else T.sign()
     return chain(
@@ -112,6 +110,7 @@ def signsgd_adv(momentum: float = 0.9, weight_decay: float = 0.0, geometric_wd: 
                state_precision=state_precision, nnmf_factor=nnmf_factor, vector_reshape=vector_reshape, seed=seed),
         *(() if normed else (direction,)),
         *((T.snr_condition(),) if snr else ()),
+        *spectral_stage(name, spectral_normalization, seed),
         _decay(weight_decay, cautious_wd, geometric, False, stochastic, seed),
         *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),
@@ -146,8 +145,7 @@ def sinksgd_adv(momentum: float = 0.0, weight_decay: float = 0.0, sinkhorn_itera
     ('sinkhorn', 'sign_momentum', 'snr_condition', 'weight_decay', 'apply')
     """
     name = "sinksgd_adv"
-    normed, snr, geometric = _common(name, normed_momentum, snr_cond, momentum, geometric_wd, centered_wd,
-                                     spectral_normalization)
+    normed, snr, geometric = _common(name, normed_momentum, snr_cond, momentum, geometric_wd, centered_wd)
     if not isinstance(sinkhorn_iterations, int) or isinstance(sinkhorn_iterations, bool) or sinkhorn_iterations < 0:
         raise ValueError(f"{name}: sinkhorn_iterations={sinkhorn_iterations!r} must be an int >= 0")
     direction = T.sinkhorn(iterations=sinkhorn_iterations,
@@ -160,6 +158,7 @@ def sinksgd_adv(momentum: float = 0.0, weight_decay: float = 0.0, sinkhorn_itera
                state_precision=state_precision, nnmf_factor=nnmf_factor, vector_reshape=vector_reshape, seed=seed),
         *((T.snr_condition(mode="sinkhorn"),) if snr else ()),
         *(() if normed else (direction,)),
+        *spectral_stage(name, spectral_normalization, seed),
         _decay(weight_decay, cautious_wd, geometric, True, False, seed),
         *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),
