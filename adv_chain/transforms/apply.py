@@ -24,8 +24,11 @@ def _apply_fp32_(p32: list[torch.Tensor], b: Any, neg_lr: Any) -> None:
     if b.decay is not None:
         torch._foreach_sub_(p32, b.decay)
     lazy = b.lazy_u
-    if lazy is None or F.is_tensor(lazy[2]) or F.is_tensor(neg_lr):
+    if lazy is None or F.is_tensor(neg_lr) or (F.is_tensor(lazy[2]) and lazy[1] is None):
         F.add_scaled_(p32, b.u, neg_lr)  # (compiled kernels: the fuser merges the division anyway)
+    elif F.is_tensor(lazy[2]):  # a 0-d device scale (Prodigy's d): the same fold, its product with
+        # -lr a 0-d tensor, applied in one pass over num instead of by addcdiv's host value
+        torch._foreach_addcdiv_(p32, torch._foreach_mul(lazy[0], lazy[2] * neg_lr), lazy[1])
     elif lazy[1] is None:
         F.add_scaled_(p32, lazy[0], neg_lr * lazy[2])
     else:  # u = num * scale / den never written out: p -= lr * scale * num / den in one pass

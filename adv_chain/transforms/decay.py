@@ -70,8 +70,11 @@ class WeightDecay(Transform):
         if scale is None:
             b.add_decay_coef(coef)
             return
-        term = torch._foreach_mul(_fp32(b.params), scale)  # Fisher: coef * s * p
-        torch._foreach_mul_(term, coef)
+        if isinstance(scale, (list, tuple)):  # per element (Fisher) or per tensor: coef * s * p
+            term = torch._foreach_mul(_fp32(b.params), scale)
+            torch._foreach_mul_(term, coef)
+        else:  # one factor for every tensor (Prodigy's d): (coef * s) * p, one pass
+            term = torch._foreach_mul(_fp32(b.params), coef * scale)
         b.add_decay(term)
 
     @staticmethod
@@ -105,8 +108,10 @@ class CautiousWeightDecay(WeightDecay):
         agree = _agree_mask(b.u, p32)  # 1 where u * p >= 0 (zeros pass), else 0
         torch._foreach_mul_(agree, p32)
         scale = b.signals.get("wd_scale")
-        if scale is not None:
+        if isinstance(scale, (list, tuple)):
             torch._foreach_mul_(agree, scale)
+        elif scale is not None:
+            coef = coef * scale  # one factor for every tensor (Prodigy's d): one pass
         torch._foreach_mul_(agree, coef)
         b.add_decay(agree)
 
