@@ -15,6 +15,11 @@ from .._core import foreach as F
 from .._core.transform import HParam, HostView, Transform
 
 
+def squared_norms(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``||x||^2`` per tensor in fp32: the additive per-slice reduce of the norm clips."""
+    return torch._foreach_pow(torch._foreach_norm(xs, 2, dtype=torch.float32), 2)
+
+
 class ClipByGlobalNorm(Transform):
     """Scale all gradients by ``min(1, max_norm / (||g|| + 1e-6))``, ``||g||`` over every parameter of
     every group, as ``torch.nn.utils.clip_grad_norm_`` does (global scope: a reduction, then one
@@ -38,7 +43,7 @@ class ClipByGlobalNorm(Transform):
         super().__init__(name=name, max_norm=max_norm)
 
     def reduce(self, b: Any) -> list[torch.Tensor]:
-        return torch._foreach_pow(torch._foreach_norm(b.u, 2, dtype=torch.float32), 2)
+        return squared_norms(b.u)
 
     def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
                  hp: Mapping[str, Any]) -> dict[str, torch.Tensor]:

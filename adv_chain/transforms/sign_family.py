@@ -18,6 +18,7 @@ from .._core import checks
 from .._core import foreach as F
 from .._core.numerics import noise_key, random_bits
 from .._core.transform import HParam, HostView, StateSpec, Transform
+from .gradient import squared_norms
 
 Tensors = list[torch.Tensor]
 _VECTOR_TAGS = frozenset({"vector", "dora_scale"})
@@ -106,7 +107,7 @@ class ClipByTensorNorm(Transform):
         super().__init__(name=name, max_norm=max_norm)
 
     def reduce(self, b: Any) -> list[torch.Tensor]:
-        return torch._foreach_pow(torch._foreach_norm(b.u, 2, dtype=torch.float32), 2)
+        return squared_norms(b.u)
 
     def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
                  hp: Mapping[str, Any]) -> dict[str, list[torch.Tensor]]:
