@@ -18,7 +18,7 @@ from .._core import checks
 from .._core import foreach as F
 from .._core.numerics import noise_key, random_bits
 from .._core.transform import HParam, HostView, StateSpec, Transform
-from .gradient import squared_norms
+from .gradient import ClipByGlobalNorm
 
 Tensors = list[torch.Tensor]
 _VECTOR_TAGS = frozenset({"vector", "dora_scale"})
@@ -86,7 +86,7 @@ def snr_row_col(prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -- gradient stage ----------------------------------------------------------------------------------
-class ClipByTensorNorm(Transform):
+class ClipByTensorNorm(ClipByGlobalNorm):
     """Per-tensor gradient norm clip, ``g <- g * min(1, max_norm / ||g||)`` (adv_optm 2.2.3's Lion
     ``clip_threshold``, spec §9.5; ``p.grad`` is not written, unlike the reference). A per-tensor
     reduction (layer scope, each tensor its own layer): exact under gradient release too.
@@ -98,23 +98,11 @@ class ClipByTensorNorm(Transform):
 
     type_name = "clip_by_tensor_norm"
     default_name = "clip_by_tensor_norm"
-    stage = "gradient"
-    scope = "layer"
-    additive_reduce = True  # squared norms of slices add up
-    hparams = {"max_norm": HParam(None, checks.positive)}
-
-    def __init__(self, max_norm: float = 1.0, *, name: str | None = None) -> None:
-        super().__init__(name=name, max_norm=max_norm)
-
-    def reduce(self, b: Any) -> list[torch.Tensor]:
-        return squared_norms(b.u)
+    scope = "layer"  # each tensor its own layer; reduce and update are the global clip's
 
     def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
                  hp: Mapping[str, Any]) -> dict[str, list[torch.Tensor]]:
         return {"coef": [(hp["max_norm"] / v.sqrt()).clamp(max=1.0) for v in values]}
-
-    def update(self, b: Any) -> None:
-        torch._foreach_mul_(b.own_u(), b.s("coef"))
 
 
 # -- moment ------------------------------------------------------------------------------------------
