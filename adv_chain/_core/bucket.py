@@ -22,8 +22,8 @@ A wrapper transform that stores another transform's state differently (``factore
 ``low_precision_state``) runs the inner transform on a few tensors, or slices of tensors, at a time:
 :meth:`Bucket.own_states` gives it its stored state, :meth:`Bucket.part` a bucket over some tensors
 (or flat element ranges of them) whose state is the wrapper's dense temporaries (the inner transform
-sees them through ``b.state(key)`` as if they were its own), and :meth:`Bucket.join` /
-:meth:`Bucket.joiner` take back the direction, signals and decay terms the parts computed (a pending
+sees them through ``b.state(key)`` as if they were its own), and :meth:`Bucket.joiner`
+takes back the direction, signals and decay terms the parts computed (a pending
 direction stays pending).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ Tensors = list[torch.Tensor]
 
 class Bucket:
     __slots__ = ("params", "_u", "_lazy", "grads", "signals", "decay_coef", "decay", "_u_owned", "_states",
-                 "_scalars", "_current", "offsets", "noise_keys", "_frozen", "skip_apply", "eager_u",
+                 "_scalars", "_current", "offsets", "noise_keys", "_frozen", "skip_apply",
                  "_denom_div", "_slices", "_index")
 
     def __init__(self, params: Tensors, u: Tensors, states: Mapping[str, Mapping[str, Tensors]],
@@ -48,7 +48,6 @@ class Bucket:
                  noise_keys: list[Any] | None = None) -> None:
         self.params = params
         self._lazy: tuple[Tensors, Tensors | None, Any] | None = None
-        self.eager_u = False  # set when the state ``set_u_scaled`` would point into is about to be reused
         self._denom_div: Any = None  # the published "denom" signal is signals["denom"] / this
         self._slices: list[Any] = []  # on a part: the element range of each tensor (None: whole)
         self._index: list[int] = []   # on a part: the tensor of the whole bucket behind each entry
@@ -107,9 +106,6 @@ class Bucket:
     def set_u_scaled(self, num: Tensors, scale: Any) -> None:
         """``u = num * scale``, computed only if someone reads ``b.u``. ``num`` may alias state (it
         is never written through ``u``), but must not change until the step's terminal ran."""
-        if self.eager_u:
-            self.set_u(torch._foreach_mul(num, scale))
-            return
         self._u, self._lazy, self._u_owned = num, (num, None, scale), False
 
     def divide_u_(self, den: Tensors) -> None:
@@ -260,15 +256,6 @@ class Bucket:
         temporaries can go) and hands the result to this bucket (:meth:`Join.finish`)."""
         return Join(self)
 
-    def join(self, parts: list[tuple[list[int], "Bucket"]]) -> None:
-        """Take back what the inner transform did on ``parts`` (``(index, bucket)`` from :meth:`part`,
-        covering every tensor once, or every element once with slices): the direction, signals
-        (per-tensor lists are reassembled, consumed ones removed), decay terms, skip flag."""
-        j = Join(self)
-        for _, sub in parts:
-            j.add(sub)
-        j.finish()
-
 
 def _cut(x: Any, p: torch.Tensor, cut: "tuple[int, int] | None") -> Any:
     """Elements ``start:end`` of ``x`` flattened when ``x`` is shaped like ``p`` (else ``x``)."""
@@ -337,8 +324,8 @@ _UNSET = object()
 
 
 class Join:
-    """What :meth:`Bucket.join` does, one part at a time (see :meth:`Bucket.joiner`). A direction
-    left pending by every part (``u = num * scale [/ den]`` with one ``scale``) stays pending in the
+    """Takes back what the inner transform did on parts of a bucket, one part at a time (see
+    :meth:`Bucket.joiner`). A direction left pending by every part (``u = num * scale [/ den]`` with one ``scale``) stays pending in the
     whole bucket, its ``num`` reassembled without a copy when the parts' ``num`` are views of one
     parameter-sized temporary."""
 
