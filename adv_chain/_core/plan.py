@@ -8,7 +8,8 @@ the segment it starts (layer-scope transforms likewise, with per-layer results).
 transform makes the segment that holds it run on whole tensors: it stays with its neighbours, so the
 signals, decay terms and ``skip_apply`` they share (which live only as long as one segment) still
 reach it and the terminal. When a segment is not the last, its output direction is materialized to
-full-size fp32 tensors.
+full-size fp32 tensors. A barrier transform with a ``prepare`` step (``cautious``'s mask) has it run
+as the last transform of the segment before the barrier, on slices still in cache.
 """
 from __future__ import annotations
 
@@ -42,6 +43,36 @@ class Segment:
         return all(getattr(t, "compilable", True) for t in self.transforms)
 
 
+class Prepare(Transform):
+    """The :meth:`~Transform.prepare` step of a layer/global transform, placed by :func:`build_plan`
+    as the last transform of the segment before that transform's barrier (same name, so it sees the
+    owner's state and scalars)."""
+
+    scope = "elementwise"
+
+    def __init__(self, owner: Transform) -> None:
+        super().__init__(name=owner.name)
+        object.__setattr__(self, "owner", owner)
+
+    @property
+    def stage(self) -> str:  # type: ignore[override]
+        return self.owner.stage
+
+    @property
+    def reads(self) -> frozenset[str]:  # type: ignore[override]
+        return self.owner.reads
+
+    @property
+    def compilable(self) -> bool:
+        return getattr(self.owner, "compilable", True)
+
+    def __repr__(self) -> str:
+        return f"prepare({self.owner!r})"
+
+    def update(self, b: Any) -> None:
+        self.owner.prepare(b)
+
+
 def build_plan(transforms: tuple[Transform, ...]) -> tuple[Segment, ...]:
     raw: list[tuple[list[Transform], Transform | None, bool]] = []
     current: list[Transform] = []
@@ -49,6 +80,8 @@ def build_plan(transforms: tuple[Transform, ...]) -> tuple[Segment, ...]:
     whole = False
     for t in transforms:
         if t.scope in ("global", "layer"):
+            if t.prepares:  # the previous segment (or one of its own, if t comes first) ends with it
+                current.append(Prepare(t))
             if current:
                 raw.append((current, barrier, whole))
             current, barrier, whole = [t], t, False

@@ -98,6 +98,9 @@ class Transform:
     additive_reduce: ClassVar[bool] = False
     #: type names of transforms this one cannot share a chain with
     excludes: ClassVar[frozenset[str]] = frozenset()
+    #: layer/global scope: the transform has a :meth:`prepare` step (elementwise work on the direction
+    #: that the executor runs as the last transform of the previous segment)
+    prepares: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -198,6 +201,13 @@ class Transform:
     # layer and global scope only
     def reduce(self, b: Any) -> list[torch.Tensor]:  # pragma: no cover - abstract
         """One value per parameter of bucket ``b`` (whole tensors, ``b.u`` is the direction so far)."""
+        raise NotImplementedError
+
+    def prepare(self, b: Any) -> None:  # pragma: no cover - abstract
+        """With ``prepares = True``: elementwise work on ``b.u`` done before the reduction, at the end
+        of the previous segment while its slices are in cache (so ``reduce`` and ``update`` see its
+        result). E.g. :func:`cautious` masks the direction here; only its per-tensor rescale waits for
+        the barrier."""
         raise NotImplementedError
 
     def layer_key(self, param: torch.Tensor, index: int, group: Mapping[str, Any]) -> Any:

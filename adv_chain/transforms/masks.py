@@ -9,7 +9,6 @@ from .._core import checks
 from .._core.transform import Transform
 
 _RESCALES = ("paper", "mean", "none")
-_SLICE = 1 << 18  # elements per slice of the mask count
 
 
 def _agreement(u: list[torch.Tensor], g: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -27,9 +26,11 @@ class Cautious(Transform):
     * ``rescale="mean"``: ``u * phi / max(mean(phi), 1e-3)`` (adv_optm's ``cautious_mask``);
     * ``rescale="none"``: ``u * phi``.
 
-    The rescale needs the whole tensor's mask count, so with a rescale the chain runs in two
-    segments: the direction is materialized, counted, then masked. Cannot share a chain with
-    :func:`grams`.
+    The rescale needs the whole tensor's mask count, so with a rescale the mask is applied in a
+    ``prepare`` step at the end of the segment before the count (on slices still in cache), the
+    masked direction is kept and its non-zeros counted (``u * g > 0`` implies ``u != 0``, so they
+    are the mask's ones), and the per-tensor rescale is the only work left after the count. Cannot
+    share a chain with :func:`grams`.
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.scale_by_adam(), ac.eps_divide(), ac.cautious(), ac.apply()).names
@@ -42,6 +43,7 @@ class Cautious(Transform):
     reads = frozenset({"update", "grad"})
     excludes = frozenset({"grams"})
     additive_reduce = True  # (count, size) of slices add up
+    prepares = True  # with a rescale (layer scope): the mask itself runs before the count
 
     def __init__(self, rescale: str = "paper", *, name: str | None = None) -> None:
         super().__init__(name=name, rescale=checks.choice(self.type_name, "rescale", rescale, _RESCALES))
@@ -50,14 +52,15 @@ class Cautious(Transform):
     def scope(self) -> str:  # type: ignore[override]
         return "elementwise" if self.args["rescale"] == "none" else "layer"
 
+    def prepare(self, b: Any) -> None:
+        u = b.own_u()
+        torch._foreach_mul_(u, _agreement(u, b.grads))
+
     def reduce(self, b: Any) -> list[torch.Tensor]:
         out = []
-        for u, g in zip(b.u, b.grads):  # count agreeing coordinates slice by slice: no full-size temporaries
-            u, g = u.reshape(-1), g.reshape(-1)
-            count = sum(((u[i:i + _SLICE] * g[i:i + _SLICE]) > 0).sum(dtype=torch.float32)
-                        for i in range(0, u.numel(), _SLICE))
-            out.append(torch.stack((torch.as_tensor(count, dtype=torch.float32, device=u.device),
-                                    torch.tensor(float(u.numel()), device=u.device))))
+        for u in b.u:  # the direction is masked already (prepare): its non-zeros are the kept coordinates
+            count = torch.count_nonzero(u).to(torch.float32)
+            out.append(torch.stack((count, torch.full_like(count, float(u.numel())))))
         return out
 
     def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
@@ -67,10 +70,10 @@ class Cautious(Transform):
         return {"scale": [1.0 / torch.clamp(v[0] / v[1], min=1e-3) for v in values]}
 
     def update(self, b: Any) -> None:
-        u = b.own_u()
-        torch._foreach_mul_(u, _agreement(u, b.grads))
-        if self.args["rescale"] != "none":
-            torch._foreach_mul_(u, b.s("scale"))
+        if self.args["rescale"] == "none":
+            self.prepare(b)
+        else:
+            torch._foreach_mul_(b.own_u(), b.s("scale"))
 
 
 class Grams(Transform):

@@ -112,7 +112,7 @@ class _Inner(Transform):
 
     def __init__(self, inner: Transform, group_keys: Any, local: bool) -> None:  # noqa: D107
         for attr in ("name", "args", "type_name", "stage", "scope", "reads", "writes", "consumes",
-                     "optional_signals", "excludes", "terminal"):
+                     "optional_signals", "excludes", "terminal", "prepares"):
             object.__setattr__(self, attr, getattr(inner, attr))
         hparams = dict(inner.hparams)
         if group_keys is not None:
@@ -147,6 +147,9 @@ class _Inner(Transform):
 
     def update(self, b: Any) -> None:
         self.inner.update(b)
+
+    def prepare(self, b: Any) -> None:
+        self.inner.prepare(b)
 
     def reduce(self, b: Any) -> list[torch.Tensor]:
         return self.inner.reduce(b)
@@ -369,6 +372,8 @@ class Partition(Transform):
         for t in self._run[b.s("route")]:
             b.enter(t.name, t.stage)
             if t.name in self._local:  # a per-tensor reduction: reduce, finalize and update right here
+                if t.prepares:
+                    t.prepare(b)
                 hp = dict(b.s("hp"))
                 result = t.finalize(t.reduce(b), list(range(len(b.params))), hp)
                 b._scalars = {**b._scalars, t.name: {**b._scalars[t.name], **result}}
