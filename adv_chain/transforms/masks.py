@@ -9,6 +9,7 @@ from .._core import checks
 from .._core.transform import Transform
 
 _RESCALES = ("paper", "mean", "none")
+_EXACT = 1 << 24  # fp32 counts integers exactly up to here
 
 
 def _agreement(u: list[torch.Tensor], g: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -59,7 +60,11 @@ class Cautious(Transform):
     def reduce(self, b: Any) -> list[torch.Tensor]:
         out = []
         for u in b.u:  # the direction is masked already (prepare): its non-zeros are the kept coordinates
-            count = torch.count_nonzero(u).to(torch.float32)
+            # |sign(u)| summed in fp32 (~20x faster than count_nonzero on CPU), over pieces of at most
+            # 2^24 elements so every partial count is exact
+            flat = u.reshape(-1)
+            count = sum(torch.sign(flat[i:i + _EXACT]).abs_().sum(dtype=torch.float32)
+                        for i in range(0, max(1, flat.numel()), _EXACT))
             out.append(torch.stack((count, torch.full_like(count, float(u.numel())))))
         return out
 
