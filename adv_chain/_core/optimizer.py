@@ -277,13 +277,18 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def _call(self, si: int, seg: Segment, *args: Any) -> Any:
         """Run ``segment_body`` eagerly, or through the compiled kernel for this segment and layout."""
-        if self._compile_options is None or not seg.compilable:
+        if not self._compiled(seg):
             return segment_body(seg.transforms, *args, seg.materialize)
         layout, tensors = layout_and_tensors(*args, seg.materialize)
         kernel = self._kernels.get((id(seg), layout))
         if kernel is None:
             kernel = self._kernels[(id(seg), layout)] = make_kernel(seg.transforms, layout, self._compile_options)
         return kernel(*tensors)
+
+    def _compiled(self, seg: Segment) -> bool:
+        """``compile=True`` and every transform of ``seg`` compiles. A segment that cannot (a state
+        wrapper's) runs exactly as in eager mode: Python-number scalars, cache-sized slices."""
+        return self._compile_options is not None and seg.compilable
 
     def _seg_states(self, seg: Segment, w: Work) -> dict[str, dict[str, list[torch.Tensor]]]:
         return {t.name: w.states[t.name] for t in seg.all_transforms}
@@ -292,7 +297,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         source = w.full_u if w.full_u is not None else w.grads
         owned = w.full_u is not None
         states = self._seg_states(seg, w)
-        if self._compile_options is not None:
+        if self._compiled(seg):
             scalars = tensor_scalars(self._scalar_cache, w, seg.transforms)
             keys = noise_key_tensors(self._scalar_cache, w)
             # one call per group of same-sized tensors: the compiled kernel loops over them in one go
@@ -329,7 +334,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         whole = seg.whole
         # compiled kernels take flat views (one dynamic size per call); eager ops take contiguous
         # tensors as they are (same element order, no view to build)
-        flatten = self._compile_options is not None
+        flatten = self._compiled(seg)
 
         def cut(x: torch.Tensor, start: Any, end: Any) -> torch.Tensor:
             if x.dim() == 0:  # per-tensor scalar state: every slice sees the whole value
@@ -385,7 +390,8 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _run_whole(self, si: int, seg: Segment, w: Work) -> None:
         source = w.full_u if w.full_u is not None else w.grads
         scalars, keys = w.scalars, w.noise_keys
-        if self._compile_options is not None:
+        compiled = self._compiled(seg)
+        if compiled:
             scalars = tensor_scalars(self._scalar_cache, w, seg.transforms)
             keys = noise_key_tensors(self._scalar_cache, w)
         # whole tensors, a few at a time: temporaries stay near one group's size (compiled: one call
@@ -393,7 +399,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         batches: dict[Any, list[tuple[int, Any, Any]]] = {}
         total = 0
         for i, p in enumerate(w.params):
-            key = p.numel() if self._compile_options is not None else total // self._group_elems
+            key = p.numel() if compiled else total // self._group_elems
             batches.setdefault(key, []).append((i, None, None))
             total += p.numel()
         for pieces in batches.values():
