@@ -88,16 +88,20 @@ def test_group_tags_equal_attribute_tags():
         assert torch.equal(x, y)
 
 
-def test_kourkoutas_refuses_adapter_tags_and_gives_dora_scales_their_own_layer():
+def test_kourkoutas_gives_adapters_and_dora_scales_their_own_layer():
+    """Per-row/per-column statistics of adapters: tests/test_kourkoutas_adapters.py."""
     model = _tagged_model()
     opt = ac.optim.AdamW_adv(model.parameters(), lr=1e-2, kourkoutas_beta=True)
     model(torch.randn(3, 6)).sum().backward()
-    with pytest.raises(NotImplementedError, match="lora_A"):
-        opt.step()
-    dora = _p(8, 8, _is_dora_scale=True)
-    plain = _p(8, 8)
+    opt.step()
+    assert opt.state[model[0].weight]["kourkoutas/r_ema"].shape == (8, 1)  # lora_A (8, 6): per row
+    assert opt.state[model[2].weight]["kourkoutas/r_ema"].shape == (1, 8)  # lora_B (8, 8): per column
+    assert opt.state[model[4].weight]["kourkoutas/r_ema"].shape == ()      # dora_scale: one value
     k = ac.kourkoutas_beta(layer_key="shape")
-    assert k.layer_key(dora, 0, {}) == 0 and k.layer_key(plain, 1, {}) == (8, 8)
+    for i, attr in enumerate(["_is_dora_scale", "_is_lora_A", "_is_lora_B", "_is_oft"]):
+        assert k.layer_key(_p(8, 8, **{attr: True}), i, {}) == i
+    assert k.layer_key(_p(8, 8), 9, {}) == (8, 8)
+    assert k.layer_key(_p(8, 8), 9, {"tags": ["oft"]}) == 9
 
 
 def test_iterative_orthograd_treats_group_tagged_vectors_as_vectors():

@@ -213,14 +213,16 @@ class Bucket:
         return self._states[self._current]
 
     def part(self, index: list[int], states: Mapping[str, Tensors],
-             slices: "list[tuple[int, int] | None] | None" = None) -> "Bucket":
+             slices: "list[tuple[int, int] | None] | None" = None, rest: tuple = ()) -> "Bucket":
         """A bucket over tensors ``index`` of this one for the calling transform, whose state is
         ``states`` (aligned with ``index``). Per-tensor lists (scalars of a reduce, signals, decay
         terms, offsets, noise keys) are sliced; everything else is shared. ``slices`` (aligned with
         ``index``; only for elementwise work on contiguous tensors) runs entry ``j`` on elements
         ``start:end`` of the flattened tensor instead (``None``: the whole tensor): parameters,
         direction, reference gradient and parameter-shaped signals and decay terms become flat
-        views, offsets move by ``start``; an index may then repeat."""
+        views, offsets move by ``start``; an index may then repeat. ``rest``: elementwise transforms
+        that will run on the part after the calling one (:func:`run_transforms`); their state is
+        cut and their scalars picked the same way."""
         cuts = [None] * len(index) if slices is None else slices
 
         def pick(xs: Any) -> Any:
@@ -234,9 +236,14 @@ class Bucket:
         self._settle()
         n = len(self.params)
         name = self._current
-        scalars = {k: (pick(v) if isinstance(v, (list, tuple)) and len(v) == n else v)
-                   for k, v in self._scalars[name].items()}
-        sub = Bucket(pick_cut(self.params), pick_cut(self.u), {name: states}, {name: scalars},
+        def pick_scalars(tname: str) -> dict[str, Any]:
+            return {k: (pick(v) if isinstance(v, (list, tuple)) and len(v) == n else v)
+                    for k, v in self._scalars[tname].items()}
+
+        all_states = {name: states, **{t.name: {k: pick_cut(v) for k, v in self._states[t.name].items()}
+                                       for t in rest}}
+        all_scalars = {name: pick_scalars(name), **{t.name: pick_scalars(t.name) for t in rest}}
+        sub = Bucket(pick_cut(self.params), pick_cut(self.u), all_states, all_scalars,
                      grads=pick_cut(self.grads) if self._frozen else None, u_owned=self._u_owned,
                      offsets=None if self.offsets is None else
                      [self.offsets[i] + (0 if c is None else c[0]) for i, c in zip(index, cuts)],
@@ -258,10 +265,29 @@ class Bucket:
 
 
 def _cut(x: Any, p: torch.Tensor, cut: "tuple[int, int] | None") -> Any:
-    """Elements ``start:end`` of ``x`` flattened when ``x`` is shaped like ``p`` (else ``x``)."""
-    if cut is None or not isinstance(x, torch.Tensor) or x.dim() == 0 or x.numel() != p.numel():
+    """Elements ``start:end`` of ``x`` flattened when ``x`` is shaped like ``p``, or broadcast to
+    ``p``'s shape when ``x`` broadcasts to it (a per-row ``(rows, 1)`` or per-column ``(1, cols)``
+    value, e.g. Kourkoutas-beta's ``beta2`` of a LoRA factor); else ``x``."""
+    if cut is None or not isinstance(x, torch.Tensor) or x.dim() == 0:
         return x
-    return x.view(-1)[cut[0]:cut[1]]
+    if x.numel() == p.numel():
+        return x.view(-1)[cut[0]:cut[1]]
+    if x.dim() == p.dim() and all(a in (1, n) for a, n in zip(x.shape, p.shape)):
+        return broadcast_range(x, p.shape, cut[0], cut[1])
+    return x
+
+
+def broadcast_range(x: torch.Tensor, shape: Any, start: int, end: int) -> torch.Tensor:
+    """Elements ``start:end`` of ``x`` broadcast to ``shape`` and flattened in row-major order
+    (read-only: it may be a view of ``x``); only the rows of ``shape``'s first dimension that the
+    range touches are expanded."""
+    inner = 1
+    for size in tuple(shape)[1:]:
+        inner *= size
+    if inner == 0 or end <= start:
+        return x.new_zeros(0)
+    r0, r1 = start // inner, -(-end // inner)
+    return x.expand(shape)[r0:r1].reshape(-1)[start - r0 * inner:end - r0 * inner]
 
 
 class _Assembled:
@@ -445,7 +471,13 @@ class Join:
 
 
 def run_transforms(transforms: tuple, b: Bucket) -> None:
-    for t in transforms:
+    for k, t in enumerate(transforms):
         b.enter(t.name, t.stage)
+        rest = transforms[k + 1:]
+        if rest and getattr(t, "runs_rest", False) and all(r.scope == "elementwise" for r in rest):
+            # a state wrapper that works slice by slice runs the elementwise rest of the segment on
+            # each of its slices too: nothing it hands on needs to exist at full size
+            t.update(b, rest)
+            return
         t.update(b)
 

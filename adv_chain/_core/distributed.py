@@ -169,9 +169,9 @@ def _promote(seg: Segment, w: Work) -> None:
 
 def _keeps_tensor_scalars(t: Any, works: list[Work]) -> bool:
     """A barrier transform whose per-tensor scalar state its update may accumulate over slices
-    (kourkoutas_beta's norms): its whole segment runs on full tensors."""
-    w = works[0]
-    return any(spec.scalar for spec in t.state_specs(w.params[0], w.hps[t.name]).values())
+    (kourkoutas_beta's norms): its whole segment runs on full tensors. Every bucket is asked (a
+    bucket of LoRA factors keeps per-row state instead)."""
+    return any(spec.scalar for w in works for spec in t.state_specs(w.params[0], w.hps[t.name]).values())
 
 
 def _additive(t: Any, works: list[Work]) -> bool:

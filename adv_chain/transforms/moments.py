@@ -16,6 +16,16 @@ _ADAM_HPARAMS_EPS = {**_ADAM_HPARAMS, "eps": HParam("eps", checks.nonneg)}
 _NORMED_MODES = (None, "eps", "atan2")
 
 
+def signal_ema_(v: list[torch.Tensor], g: list[torch.Tensor], beta2: list[torch.Tensor]) -> None:
+    """``v = beta2 * v + (1 - beta2) * g^2`` with the ``beta2`` signal of :func:`kourkoutas_beta`: per
+    tensor of the bucket a 0-d tensor, or a tensor broadcastable to it (an adapter's ``(rows, 1)`` /
+    ``(1, cols)`` beta2 when the tensor is the whole parameter, the slice's own values on a slice)."""
+    torch._foreach_mul_(v, beta2)
+    sq = torch._foreach_mul(g, g)
+    torch._foreach_mul_(sq, [1.0 - x for x in beta2])
+    torch._foreach_add_(v, sq)
+
+
 class ScaleByAdam(Transform):
     """Adam's moments (Kingma & Ba, arXiv 1412.6980). Publishes the denominator, does not divide.
 
@@ -55,7 +65,7 @@ class ScaleByAdam(Transform):
     default_name = "adam"
     stage = "moment"
     optional_signals = frozenset({"sig:bc1"})
-    consumes = frozenset({"sig:beta2"})  # a per-tensor beta2 from kourkoutas_beta, when present
+    consumes = frozenset({"sig:beta2"})  # kourkoutas_beta's beta2 when present (see signal_ema_)
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), amsgrad: bool = False,
                  bias_correction: bool = True, nesterov: bool = False, nesterov_coef: float | None = None,
@@ -118,11 +128,8 @@ class ScaleByAdam(Transform):
         if beta2 is None:
             torch._foreach_mul_(v, b.s("b2"))
             F.addcmul_(v, g, g, b.s("one_minus_b2"))
-        else:  # one beta2 per tensor (a 0-d tensor each); the bias correction stays static
-            torch._foreach_mul_(v, beta2)
-            sq = torch._foreach_mul(g, g)
-            torch._foreach_mul_(sq, [1.0 - x for x in beta2])
-            torch._foreach_add_(v, sq)
+        else:  # kourkoutas_beta's beta2; the bias correction stays static
+            signal_ema_(v, g, beta2)
         if b.s("amsgrad"):
             v_max = b.state("max_exp_avg_sq")
             torch._foreach_maximum_(v_max, v)
@@ -264,7 +271,8 @@ class ScaleByAdopt(Transform):
 
     ``nesterov=True``: ``u = c*m + (1-c)*n`` with ``c = nesterov_coef`` (default ``b1``) - the
     normalized gradient ``n``, where adv_optm mixes in the raw ``g`` (its bug B3: mismatched units).
-    A ``beta2`` signal (per-tensor, from :func:`kourkoutas_beta`) replaces ``b2`` in the ``v`` update.
+    A ``beta2`` signal (from :func:`kourkoutas_beta`: per tensor, or per row/column of a LoRA/OFT
+    adapter) replaces ``b2`` in the ``v`` update.
     ``publish_denom=True`` publishes ``sqrt(v_{t-1})`` as the optional ``denom`` signal (for
     :func:`fisher_wd`; nothing else consumes it).
 
@@ -278,7 +286,7 @@ class ScaleByAdopt(Transform):
     stage = "moment"
     hparams = {"betas": HParam("betas", checks.beta_pair), "eps": HParam("eps", checks.nonneg)}
     static_scalars = frozenset({"first", "init_only", "first_moment", "clip", "use_atan2", "nesterov"})
-    consumes = frozenset({"sig:beta2"})  # a per-tensor beta2 from kourkoutas_beta, when present
+    consumes = frozenset({"sig:beta2"})  # kourkoutas_beta's beta2 when present (see signal_ema_)
     optional_signals = frozenset({"sig:denom"})
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6,
@@ -359,11 +367,8 @@ class ScaleByAdopt(Transform):
         if beta2 is None:
             torch._foreach_mul_(v, b.s("b2"))
             F.addcmul_(v, g, g, b.s("one_minus_b2"))
-        else:  # one beta2 per tensor (a 0-d tensor each)
-            torch._foreach_mul_(v, beta2)
-            sq = torch._foreach_mul(g, g)
-            torch._foreach_mul_(sq, [1.0 - x for x in beta2])
-            torch._foreach_add_(v, sq)
+        else:
+            signal_ema_(v, g, beta2)
         if b.s("use_atan2"):
             torch._foreach_mul_(n, b.s("atan2_scale"))
             b.set_u(n)

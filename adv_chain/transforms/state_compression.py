@@ -46,6 +46,9 @@ class _StateWrapper(Transform):
     #: data-dependent zero masks and a Python loop over slices: under ``compile=True`` the segment
     #: holding a wrapper runs eagerly (the other segments stay compiled)
     compilable = False
+    #: the elementwise transforms after it in its segment run on each of its chunks (see
+    #: :func:`adv_chain._core.bucket.run_transforms`)
+    runs_rest = True
 
     def _setup(self, inner: Any, name: str | None, options: dict[str, Any]) -> None:
         if isinstance(inner, Mapping):  # from to_config
@@ -206,12 +209,13 @@ class FactoredState(_StateWrapper):
                                                  build=_Builder(part, vr))
         return out
 
-    def update(self, b: Any) -> None:
+    def update(self, b: Any, rest: tuple = ()) -> None:
         stored = b.own_states()
         factored = sorted({k.rpartition(":")[0] for k in stored if k.endswith(":row") and k[:-4] + ":col" in stored})
         parts = {f"{k}:{p}" for k in factored for p in _PARTS}
         passing = {k: v for k, v in stored.items() if k not in parts}
-        run_sliced(self, b, {k: FactoredCodec(stored, k) for k in factored}, passing, self._chunk_elems(len(factored)))
+        run_sliced(self, b, {k: FactoredCodec(stored, k) for k in factored}, passing, self._chunk_elems(len(factored)),
+                   rest)
 
 
 class _Builder:
@@ -322,7 +326,7 @@ class LowPrecisionState(_StateWrapper):
                 out[f"{key}:scale"] = StateSpec(kind="nonneg", build=_LowBuilder(mode, "scale", signed, block, spec.init))
         return out
 
-    def update(self, b: Any) -> None:
+    def update(self, b: Any, rest: tuple = ()) -> None:
         stored = b.own_states()
         mode, block = self.options["dtype"], self.options["block_size"]
         low = (torch.int8, torch.uint8) if mode == "int8" else (_TORCH_DTYPES[mode],)
@@ -332,7 +336,7 @@ class LowPrecisionState(_StateWrapper):
                   for k in keys}
         scales = {f"{k}:scale" for k in keys}
         passing = {k: v for k, v in stored.items() if k not in codecs and k not in scales}
-        run_sliced(self, b, codecs, passing, self._chunk_elems(len(keys)))
+        run_sliced(self, b, codecs, passing, self._chunk_elems(len(keys)), rest)
 
 
 factored_state = FactoredState

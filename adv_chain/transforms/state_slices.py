@@ -148,10 +148,16 @@ def _sliceable(b: Any, i: int, passing: dict[str, list[torch.Tensor]]) -> bool:
 
 
 def run_sliced(wrapper: Any, b: Any, codecs: dict[str, Any], passing: dict[str, list[torch.Tensor]],
-               chunk_elems: int) -> None:
+               chunk_elems: int, rest: tuple = ()) -> None:
     """Run ``wrapper.inner`` over ``b`` slice by slice with the dense state of ``codecs`` (by key)
-    rebuilt around each chunk of slices, and ``passing`` state (stored dense) cut to match."""
+    rebuilt around each chunk of slices, and ``passing`` state (stored dense) cut to match.
+
+    ``rest``: the elementwise transforms after the wrapper in its segment; they run on each chunk
+    right after the inner transform, before its state is compressed again. When they end with the
+    terminal, nothing is joined back: the direction, denominator and decay terms only ever exist
+    for one chunk (no parameter-sized temporary at all)."""
     slicing = wrapper.inner.scope == "elementwise"
+    applied = bool(rest) and rest[-1].terminal
     jobs: list[tuple[int, Any, int]] = []
     for i, p in enumerate(b.params):
         n = p.numel()
@@ -185,7 +191,7 @@ def run_sliced(wrapper: Any, b: Any, codecs: dict[str, Any], passing: dict[str, 
                 if dense is not None:
                     lst.append(dense if cut is None else dense.view(-1)[cut[0]:cut[1]])
                     continue
-                if key in alias:  # one parameter-sized temporary: the direction will point into it
+                if key in alias and not applied:  # one parameter-sized temporary: the direction will point into it
                     buf = full.get((key, i))
                     if buf is None:
                         buf = full[(key, i)] = torch.empty(p.shape, dtype=_float(p), device=p.device)
@@ -200,9 +206,12 @@ def run_sliced(wrapper: Any, b: Any, codecs: dict[str, Any], passing: dict[str, 
             temps[key] = lst
         for key, lst in passing.items():
             temps[key] = [lst[i] if c is None else _cut(lst[i], b.params[i], c) for i, c in zip(index, cuts)]
-        sub = b.part(index, temps, cuts)
+        sub = b.part(index, temps, cuts, rest)
         wrapper.inner.update(sub)
-        exported = _exported(sub)
+        for t in rest:
+            sub.enter(t.name, t.stage)
+            t.update(sub)
+        exported = set() if applied else _exported(sub)
         for key in codecs:
             buf = spare.get(key)
             if buf is not None and buf.untyped_storage().data_ptr() in exported:
@@ -221,11 +230,13 @@ def run_sliced(wrapper: Any, b: Any, codecs: dict[str, Any], passing: dict[str, 
                     full.pop((key, i), None)
         temps.clear()  # this chunk's dense state goes (the direction keeps what it points into)
         spare.clear()
-        join.add(sub)
+        if not applied:
+            join.add(sub)
         start = stop
     for codec in codecs.values():
         codec.settle()
-    join.finish()
+    if not applied:
+        join.finish()
 
 
 def _exported(sub: Any) -> set[int]:
