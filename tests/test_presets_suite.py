@@ -95,6 +95,17 @@ MAIN_OPTIONS.update({
                     dict(auto_projection=False, kappa_p=1.5, centered_wd=0.5, adam_eps=None, ns_steps=6)],
 })
 
+# adv_optm 2.2.3's Lion_Prodigy_adv (adv_chain/presets/lion_prodigy.py): its default d_limiter lets d grow by at
+# most 2^(1/4) per step from d0 = 1e-6, so 20 steps of d * lr move the weights only with a large lr
+PRESET_LR.update({"lion_prodigy_adv": 300.0})
+MAIN_OPTIONS.update({
+    "lion_prodigy_adv": [dict(weight_decay=0.1, cautious_wd=True, orthogonal_gradient="flattened", slice_p=1),
+                         dict(cautious_mask=True, kappa_p=1.5, clip_threshold=1.0, betas=(0.95, 0.98),
+                              growth_rate=1.2, d_coef=0.5, beta3=0.9),
+                         dict(auto_kappa_p=True, safeguard_warmup=True, weight_decay=0.01, prodigy_steps=10,
+                              orthogonal_gradient="iterative")],
+})
+
 #: terminal keywords; a preset gets the ones it accepts (plain round-to-nearest is also how a preset
 #: without a stochastic_rounding keyword writes, so "nearest" then builds its default)
 TERMINALS = {"nearest": dict(stochastic_rounding=False), "stochastic_rounding": dict(stochastic_rounding=True),
@@ -276,7 +287,7 @@ def test_state_dict_roundtrip_bf16(name, kw):
 
 #: presets whose step size is estimated from the weights (Prodigy's d from p0 - p): on bf16 weights at a
 #: tiny lr the estimate itself differs from the fp32 run's, so "same displacement" is not their oracle
-SR_EXEMPT = {"prodigy", "prodigy_adv"}
+SR_EXEMPT = {"prodigy", "prodigy_adv", "lion_prodigy_adv"}
 
 
 @pytest.mark.parametrize("name", [n for n in ac.presets.names()

@@ -84,7 +84,8 @@ def build_plan(transforms: tuple[Transform, ...]) -> tuple[Segment, ...]:
                 current.append(Prepare(t))
             if current:
                 raw.append((current, barrier, whole))
-            current, barrier, whole = [t], t, False
+            # a global transform in a state wrapper that needs whole tensors (factored rows, int8 blocks)
+            current, barrier, whole = [t], t, bool(getattr(t, "whole_tensors", False))
         else:
             current.append(t)
             whole = whole or t.scope == "tensor"

@@ -32,3 +32,6 @@ __all__ += ["SignSGD_adv", "SinkSGD_adv"]
 from .muon import AdaMuon_adv, Muon_adv  # noqa: E402
 
 __all__ += ["Muon_adv", "AdaMuon_adv"]
+from .lion_prodigy import Lion_Prodigy_Adv, Lion_Prodigy_adv, Prodigy_Lion_Adv  # noqa: E402
+
+__all__ += ["Lion_Prodigy_adv", "Prodigy_Lion_Adv", "Lion_Prodigy_Adv"]

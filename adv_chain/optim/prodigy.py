@@ -46,7 +46,7 @@ class Prodigy(_DropIn):
 def _prodigy_groups(opt: ChainOptimizer) -> None:
     """Give every param group Prodigy's initial state and the ``d`` mirror now (prodigyopt's groups
     hold ``d = d0`` before the first step; loggers read it)."""
-    t = next(t for t in opt.chain if t.type_name == "prodigy")
+    t = next(t for t in opt.chain if "d" in t.group_mirrors)  # prodigy (whatever its name)
     for group in opt.param_groups:
         for key, value in t.group_state(t.args).items():
             group.setdefault(f"{t.name}/{key}", value)
@@ -56,7 +56,10 @@ def _prodigy_groups(opt: ChainOptimizer) -> None:
 class Prodigy_adv(_DropIn):  # noqa: N801 - the reference's class name
     """adv_optm 2.5.16's ``Prodigy_adv`` as a chain (preset ``prodigy_adv``): its keywords and defaults
     (``lr=1``, ``slice_p=11``); ``compiled_optimizer=True`` means ``compile=True``. Its ``nesterov``
-    bug B2 is fixed. Keywords of features adv_chain lacks raise ``NotImplementedError`` (see the preset)."""
+    bug B2 is fixed. ``kourkoutas_beta`` buckets layers by shape, uses the previous step's gradient
+    norms and ramps ``beta2`` from ``betas[1]`` over ``k_warmup_steps``, as adv_optm; ``centered_wd``
+    anchors the weights of a parameter's first step (adv_optm creates Prodigy's state lazily too).
+    Keywords of features adv_chain lacks raise ``NotImplementedError`` (see the preset)."""
 
     foreign_checkpoints = ("adv_optm",)
 

@@ -15,3 +15,6 @@ __all__ += ["signsgd_adv", "sinksgd_adv"]
 from .muon import adamuon_adv, muon_adv  # noqa: E402
 
 __all__ += ["muon_adv", "adamuon_adv"]
+from .lion_prodigy import lion_prodigy_adv  # noqa: E402
+
+__all__ += ["lion_prodigy_adv"]

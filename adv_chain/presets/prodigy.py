@@ -9,7 +9,9 @@ from .. import transforms as T
 from .._core import checks
 from .._core.chain import Chain, chain
 from ._registry import register
-from .adv import decay_stage, gradient_stage, not_yet, spectral_stage
+from ..transforms.prodigy import ProdigyFisherWD
+from .adv import centered_stage, decay_stage, gradient_stage, kourkoutas_stage, spectral_stage
+from ._storage import state_precision_mode, stored
 from .classic import terminal
 
 
@@ -69,34 +71,56 @@ def prodigy_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1
     eps by the ``d`` the step started with), ``d_limiter``, ``use_atan2`` (``(4/pi) atan2``, no eps),
     ``nesterov``/``nesterov_coef`` with the reference's bug B2 fixed (the gradient term is scaled by
     ``d`` too), decay by ``d * lr`` (``cautious_wd`` masks it), stochastic rounding of bf16 weights.
-    ``state_precision`` ``'auto'``/``'fp32'`` both keep fp32 moments; ``vector_reshape`` only matters
-    for factored state. Not implemented yet (``NotImplementedError`` naming the keyword):
-    ``fisher_wd``, ``factored_2nd``, ``nnmf_factor``, other ``state_precision`` values, ``eps=None``,
-    ``prodigy_steps``, ``kourkoutas_beta``, ``centered_wd``, ``fsdp_in_use``. ``spectral_normalization`` ->
+    ``prodigy_steps`` stops adapting ``d`` after that many steps; ``eps=None`` is the scale-invariant
+    ``1/sqrt(N)``; ``kourkoutas_beta`` (with ``beta2_min``, ``ema_alpha``, ``tiny_spike``,
+    ``k_warmup_steps``) gives ``v`` a per-layer ``beta2`` as adv_optm (shape-shared layers, last
+    step's norms, a ramp from ``betas[1]``; ``beta3`` stays ``sqrt(betas[1])``; ``k_logging`` is
+    unused, as in adv_optm), computed inside :func:`adv_chain.prodigy`'s reduction;
+    ``centered_wd``/``centered_wd_mode`` -> :func:`centered_wd` after the ordinary decay;
+    ``fisher_wd`` -> :class:`~adv_chain.transforms.prodigy.ProdigyFisherWD` (:func:`fisher_wd` on
+    Prodigy's denominator ``sqrt(v) + d*eps``), Prodigy's ``d`` then reaching the decays as
+    ``lr_scale``. ``state_precision`` ``'auto'``/``'fp32'`` both keep fp32 moments; ``'bf16_sr'``,
+    ``'int8_sr'``, ``'factored'``/``nnmf_factor``, ``factored_2nd`` and ``vector_reshape`` store
+    Prodigy's moments through :func:`low_precision_state` / :func:`factored_state` (its ``s`` and
+    ``p0`` stay dense, as in adv_optm); ``'fp16'`` is refused (Prodigy's ``v`` is of order ``d^2``,
+    below fp16's range; adv_optm's fp16 state diverges). Not implemented yet (``NotImplementedError``
+    naming the keyword): ``fsdp_in_use``. ``spectral_normalization`` ->
     :func:`spectral_normalization` with Prodigy's ``d`` kept as the step size (adv_optm: ``spectral(u, d*lr)``).
 
     >>> import adv_chain as ac
     >>> ac.presets.prodigy_adv(orthogonal_gradient="flattened", weight_decay=0.1, cautious_wd=True).names
     ('orthograd', 'prodigy', 'weight_decay', 'apply')
+    >>> ac.presets.prodigy_adv(fisher_wd=True, weight_decay=0.1, centered_wd=0.5).names
+    ('prodigy', 'fisher_wd', 'weight_decay', 'centered_wd', 'apply')
     """
     name = "prodigy_adv"
-    not_yet(name, fisher_wd=checks.flag(name, "fisher_wd", fisher_wd), factored_2nd=factored_2nd,
-            nnmf_factor=nnmf_factor, state_precision=state_precision not in ("auto", "fp32") and state_precision,
-            prodigy_steps=prodigy_steps, kourkoutas_beta=kourkoutas_beta,
-            centered_wd=centered_wd)
-    if eps is None:
-        raise NotImplementedError(f"{name}: eps=None (the scale-invariant 1/sqrt(N) epsilon) is not implemented for "
-                                  "Prodigy yet; pass a number")
+    if state_precision_mode(name, state_precision) == "fp16":
+        raise ValueError(f"{name}: state_precision={state_precision!r} is not allowed for Prodigy: its second moment "
+                         "is of order d^2 (1e-12 at d0=1e-6), which fp16 (smallest normal 6e-5) flushes to zero; use "
+                         "one of 'auto', 'fp32', 'bf16_sr', 'int8_sr', 'factored'")
     _fsdp(name, fsdp_in_use)
     checks.flag(name, "vector_reshape", vector_reshape)
     checks.nonneg(name, "weight_decay", weight_decay)
+    if eps is not None:
+        checks.nonneg(name, "eps", eps)
+    fisher = checks.flag(name, "fisher_wd", fisher_wd)
+    use_atan2 = checks.flag(name, "use_atan2", use_atan2)
+    layer = kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps)
+    # fisher_wd sets the decays' per-element wd_scale: Prodigy's d then reaches them as lr_scale
+    step_signal = "lr_scale" if fisher else "wd_scale"
+    moments = T.prodigy(betas=betas, eps=eps, beta3=beta3, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
+                        safeguard_warmup=safeguard_warmup, slice_p=slice_p, d_limiter=d_limiter, step_d="current",
+                        use_atan2=use_atan2, nesterov=checks.flag(name, "nesterov", nesterov),
+                        nesterov_coef=nesterov_coef, prodigy_steps=prodigy_steps,
+                        kourkoutas=layer[0] if layer else None, publish_denom=fisher, decay_signal=step_signal)
     return chain(
         *gradient_stage(name, orthogonal_gradient),
-        T.prodigy(betas=betas, eps=eps, beta3=beta3, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
-                  safeguard_warmup=safeguard_warmup, slice_p=slice_p, d_limiter=d_limiter, step_d="current",
-                  use_atan2=checks.flag(name, "use_atan2", use_atan2), nesterov=checks.flag(name, "nesterov", nesterov),
-                  nesterov_coef=nesterov_coef),
-        *spectral_stage(name, spectral_normalization, seed, step_size="wd_scale"),
+        stored(name, moments, state_precision=state_precision, nnmf_factor=nnmf_factor, factored_2nd=factored_2nd,
+               vector_reshape=vector_reshape, seed=seed),
+        # fisher_wd on the published denominator, which holds d*eps already
+        *((ProdigyFisherWD(atan2=use_atan2),) if fisher else ()),
+        *spectral_stage(name, spectral_normalization, seed, step_size=step_signal),
         decay_stage(weight_decay, cautious_wd),
+        *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),
     )

@@ -16,8 +16,9 @@ from .._core.transform import HParam, HostView, Transform
 
 
 def squared_norms(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``||x||^2`` per tensor in fp32: the additive per-slice reduce of the norm clips."""
-    return torch._foreach_pow(torch._foreach_norm(xs, 2, dtype=torch.float32), 2)
+    """``||x||^2`` per tensor in fp32 (fp64 for fp64 tensors): the additive per-slice reduce of the norm clips."""
+    dtype = torch.float64 if xs and xs[0].dtype == torch.float64 else torch.float32
+    return torch._foreach_pow(torch._foreach_norm(xs, 2, dtype=dtype), 2)
 
 
 class ClipByGlobalNorm(Transform):

@@ -8,8 +8,12 @@ and moments that must stay untouched when ``lr = 0`` (prodigyopt then skips the 
 chain can express the first only up to those three points, each a real (not rounding) difference
 from prodigyopt, so the moments live here. Everything that is not Prodigy-specific stays outside:
 gradient-stage transforms (``add_l2`` for coupled decay, ``orthograd``), decay transforms
-(``weight_decay``, ``cautious_wd``; they are scaled by the ``wd_scale`` signal this transform
-publishes, i.e. decay by ``d * lr`` as the reference) and the terminal.
+(``weight_decay``, ``cautious_wd``, ``centered_wd``; they are scaled by the ``wd_scale`` signal this
+transform publishes, i.e. decay by ``d * lr`` as the reference; with :class:`ProdigyFisherWD` the
+``d`` travels as ``lr_scale`` instead) and the terminal. A Kourkoutas-beta for ``v`` is the one
+outside transform that runs *inside*: its per-layer reduction has to finish before this
+transform's update, and a signal cannot cross this transform's own reduction, so its reduce,
+finalize and update ride along with this transform's (``kourkoutas=ac.kourkoutas_beta(...)``).
 """
 from __future__ import annotations
 
@@ -21,45 +25,41 @@ import torch
 
 from .._core import checks
 from .._core import foreach as F
-from .._core.transform import HParam, HostView, StateSpec, Transform
+from .._core.transform import HParam, HostView, StateSpec, Transform, transform_from_config
+from .decay import FisherWD
+from .prodigy_sums import (  # noqa: F401 - the state builders and helpers, importable from here too
+    _REDUCE_SLICE, _add_scaled_, _build_p0, _build_s, _sliced, _state_dtype, reduce_sums)
 
 _STEP_D = ("next", "current")
+#: the signal carrying the step's ``d * bc`` for the decay transforms (``"lr_scale"`` leaves
+#: ``wd_scale`` to :func:`fisher_wd`)
+_DECAY_SIGNALS = ("wd_scale", "lr_scale")
 _ATAN2_SCALE = 4.0 / math.pi
-#: elements per slice of the reduce: a slice of each operand stays in cache across its passes, and
-#: each slice costs six op calls (1 << 18 was fastest on the gpt27m benchmark, 1 thread)
-_REDUCE_SLICE = 1 << 18
+_STATIC = frozenset({"lr_on", "first_moment", "nesterov", "use_atan2", "adapting", "auto_eps"})
 
 
 def _beta3(owner: str, arg: str, value: Any) -> Any:
     return None if value is None else checks.unit_interval(owner, arg, value)
 
 
-def _add_scaled_(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: Any) -> None:
-    """``xs += alpha * ys`` rounded once (a fused multiply-add), as prodigyopt's ``x.add_(y, alpha=a)``;
-    a 0-d tensor ``alpha`` (Prodigy's ``d``) rides along as a broadcast factor: no temporary."""
-    if F.is_tensor(alpha):
-        torch._foreach_addcmul_(xs, ys, [alpha] * len(xs))
-    else:
-        torch._foreach_add_(xs, ys, alpha=alpha)
+def _eps(owner: str, arg: str, value: Any) -> Any:
+    return None if value is None else checks.nonneg(owner, arg, value)
 
 
-def _state_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
+def _scale_invariant_eps(p: torch.Tensor) -> torch.Tensor:
+    """adv_optm's ``eps=None``: ``1/sqrt(N)`` for a tensor of ``N`` elements (spec §4.5)."""
+    return torch.tensor(1.0 / math.sqrt(max(1, p.numel())), dtype=torch.float32, device=p.device)
 
 
-def _sliced(x: torch.Tensor, slice_p: int) -> torch.Tensor:
-    flat = x.reshape(-1)
-    return flat if slice_p == 1 else flat[::slice_p]
-
-
-def _build_s(p: torch.Tensor, slice_p: int) -> torch.Tensor:
-    return torch.zeros_like(_sliced(p, slice_p), dtype=_state_dtype(p))
-
-
-def _build_p0(p: torch.Tensor, slice_p: int) -> torch.Tensor:
-    if not bool(p.any()):  # all zeros: a 0-d zero saves the copy (as prodigyopt); host read at init only
-        return torch.zeros((), dtype=_state_dtype(p), device=p.device)
-    return _sliced(p, slice_p).to(_state_dtype(p), copy=True)
+def _kourkoutas(owner: str, value: Any) -> Any:
+    """``None``, or a Kourkoutas-beta transform (or its ``to_config``) whose reduction rides along."""
+    if isinstance(value, Mapping):
+        value = transform_from_config(value)
+    if value is not None and not (isinstance(value, Transform) and value.scope == "layer"
+                                  and "sig:beta2" in value.writes and not value.nested()):
+        raise ValueError(f"{owner}: kourkoutas={value!r} is not allowed; pass None or ac.kourkoutas_beta(...) "
+                         "(a layer-scope transform publishing beta2)")
+    return value
 
 
 class Prodigy(Transform):
@@ -93,6 +93,19 @@ class Prodigy(Transform):
     ``use_atan2`` replaces the division by ``(4/pi) * atan2(n, sqrt(v))`` (no eps); ``nesterov``
     uses ``n = c m + (1-c) d g`` with ``c = nesterov_coef`` (default ``b1``) - the ``d`` on the
     gradient term is adv_optm's bug B2 fixed (it mixes the raw ``g``: a first step ~3.16 lr).
+    ``eps=None`` is the scale-invariant ``eps = 1/sqrt(N)`` per tensor of ``N`` elements (state
+    ``auto_eps``, spec §4.5). ``prodigy_steps=n > 0`` stops adapting ``d`` after a parameter's
+    ``n``-th step: ``d``, ``d_max``, ``d_numerator`` then stay, ``s`` and ``p0`` are freed (made
+    empty) and the update keeps the frozen ``d`` (adv_optm counts the optimizer's steps; here each
+    parameter's own, the same when every parameter gets a gradient every step). ``kourkoutas`` (an
+    :func:`kourkoutas_beta`) gives ``v`` a per-layer ``beta2`` (spec §4.3): its reduction runs
+    inside this one (a reduction before a global transform cannot pass it a signal), with its state
+    ``r_ema``/``sq_norm`` under this transform's name and its arguments as given (param-group
+    overrides of ``beta2_min`` do not reach it); ``beta3`` and the bias correction keep the static
+    ``b2``. ``publish_denom`` publishes the step's denominator (``sqrt(v) + d*eps``; ``sqrt(v)``
+    with ``use_atan2``) as the optional ``denom`` signal for :func:`fisher_wd`; ``decay_signal=
+    "lr_scale"`` publishes ``d*bc`` as ``lr_scale`` (the decays multiply their coefficient by it)
+    instead of ``wd_scale``, which :func:`fisher_wd` then sets.
 
     State per parameter: ``exp_avg`` (if ``b1 > 0``), ``exp_avg_sq``, ``s`` and ``p0`` (1-D, every
     ``slice_p``-th element; ``p0`` is a 0-d zero for an all-zero parameter), fp32 for fp32/bf16
@@ -123,22 +136,23 @@ class Prodigy(Transform):
     stage = "moment"
     scope = "global"
     reads = frozenset({"update", "param"})
-    writes = frozenset({"update", "sig:wd_scale"})
-    optional_signals = frozenset({"sig:wd_scale"})
-    hparams = {"betas": HParam("betas", checks.beta_pair), "eps": HParam("eps", checks.nonneg),
+    hparams = {"betas": HParam("betas", checks.beta_pair), "eps": HParam("eps", _eps),
                "beta3": HParam("beta3", _beta3), "d_coef": HParam("d_coef", checks.positive),
                "growth_rate": HParam("growth_rate", checks.positive)}
-    static_scalars = frozenset({"lr_on", "first_moment", "nesterov", "use_atan2"})
     group_mirrors = {"d": "d"}
 
-    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, beta3: float | None = None,
-                 d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf,
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-8,
+                 beta3: float | None = None, d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf,
                  safeguard_warmup: bool = False, use_bias_correction: bool = False, slice_p: int = 1,
                  d_limiter: bool = False, step_d: str = "next", use_atan2: bool = False, nesterov: bool = False,
-                 nesterov_coef: float | None = None, *, name: str | None = None) -> None:
+                 nesterov_coef: float | None = None, prodigy_steps: int = 0, kourkoutas: Any = None,
+                 publish_denom: bool = False, decay_signal: str = "wd_scale", *, name: str | None = None) -> None:
         owner = self.type_name
         if not isinstance(slice_p, int) or isinstance(slice_p, bool) or slice_p < 1:
             raise ValueError(f"{owner}: slice_p={slice_p!r} must be an int >= 1 (statistics on every slice_p-th element)")
+        if not isinstance(prodigy_steps, int) or isinstance(prodigy_steps, bool) or prodigy_steps < 0:
+            raise ValueError(f"{owner}: prodigy_steps={prodigy_steps!r} must be an int >= 0 (steps that adapt d; "
+                             "0: every step)")
         if nesterov_coef is not None:
             nesterov_coef = checks.closed_unit(owner, "nesterov_coef", nesterov_coef)
         super().__init__(name=name, betas=betas, eps=eps, beta3=beta3, d0=checks.positive(owner, "d0", d0),
@@ -148,7 +162,34 @@ class Prodigy(Transform):
                          slice_p=slice_p, d_limiter=checks.flag(owner, "d_limiter", d_limiter),
                          step_d=checks.choice(owner, "step_d", step_d, _STEP_D),
                          use_atan2=checks.flag(owner, "use_atan2", use_atan2),
-                         nesterov=checks.flag(owner, "nesterov", nesterov), nesterov_coef=nesterov_coef)
+                         nesterov=checks.flag(owner, "nesterov", nesterov), nesterov_coef=nesterov_coef,
+                         prodigy_steps=prodigy_steps, kourkoutas=_kourkoutas(owner, kourkoutas),
+                         publish_denom=checks.flag(owner, "publish_denom", publish_denom),
+                         decay_signal=checks.choice(owner, "decay_signal", decay_signal, _DECAY_SIGNALS))
+
+    @property
+    def static_scalars(self) -> frozenset[str]:  # type: ignore[override]
+        kb = self.args.get("kourkoutas")
+        return _STATIC | (frozenset() if kb is None else kb.static_scalars)
+
+    @property
+    def writes(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"update"}) | self.optional_signals
+
+    @property
+    def optional_signals(self) -> frozenset[str]:  # type: ignore[override]
+        denom = {"sig:denom"} if self.args.get("publish_denom") else set()
+        return frozenset({f"sig:{self.args.get('decay_signal', 'wd_scale')}", *denom})
+
+    def to_config(self) -> dict[str, Any]:
+        cfg = super().to_config()
+        if self.args["kourkoutas"] is not None:
+            cfg["args"]["kourkoutas"] = self.args["kourkoutas"].to_config()
+        return cfg
+
+    def _kb_hp(self, hp: Mapping[str, Any]) -> dict[str, Any]:
+        """What the nested Kourkoutas-beta sees as its hyperparameters: its own arguments, the tags."""
+        return {**self.args["kourkoutas"].args, "tags": hp.get("tags", frozenset())}
 
     # -- state -------------------------------------------------------------------------------------
     def state_specs(self, param: torch.Tensor, hp: Mapping[str, Any]) -> dict[str, StateSpec]:
@@ -158,11 +199,19 @@ class Prodigy(Transform):
             specs["exp_avg"] = StateSpec(kind="signed", factorable=True)
         specs["s"] = StateSpec(kind="signed", build=functools.partial(_build_s, slice_p=slice_p))
         specs["p0"] = StateSpec(kind="signed", build=functools.partial(_build_p0, slice_p=slice_p))
+        if hp["eps"] is None:
+            specs["auto_eps"] = StateSpec(scalar=True, build=_scale_invariant_eps)
+        if self.args["kourkoutas"] is not None:
+            specs.update(self.args["kourkoutas"].state_specs(param, self._kb_hp(hp)))
         return specs
 
     def group_state(self, hp: Mapping[str, Any]) -> dict[str, float]:
         d0 = self.args["d0"]
         return {"d": d0, "d_max": d0, "d_numerator": 0.0, "k": 0.0}
+
+    def layer_key(self, param: torch.Tensor, index: int, group: Mapping[str, Any]) -> Any:
+        kb = self.args["kourkoutas"]
+        return index if kb is None else kb.layer_key(param, index, group)
 
     # -- scalars -----------------------------------------------------------------------------------
     def _beta3_of(self, hp: Mapping[str, Any]) -> float:
@@ -172,9 +221,14 @@ class Prodigy(Transform):
         b1, b2 = h.hp["betas"][:2]
         c = b1 if h.hp["nesterov_coef"] is None else h.hp["nesterov_coef"]
         lr_on = isinstance(h.lr, torch.Tensor) or h.lr != 0
-        return {"lr_on": lr_on, "first_moment": b1 != 0, "nesterov": h.hp["nesterov"] and b1 != 0,
-                "use_atan2": h.hp["use_atan2"], "b1": b1, "b2": b2, "beta3": self._beta3_of(h.hp),
-                "eps": h.hp["eps"], "nesterov_c": c}
+        steps = self.args["prodigy_steps"]
+        out = {"lr_on": lr_on, "first_moment": b1 != 0, "nesterov": h.hp["nesterov"] and b1 != 0,
+               "use_atan2": h.hp["use_atan2"], "b1": b1, "b2": b2, "beta3": self._beta3_of(h.hp),
+               "eps": 0.0 if h.hp["eps"] is None else h.hp["eps"], "auto_eps": h.hp["eps"] is None,
+               "nesterov_c": c, "adapting": steps == 0 or h.step <= steps}
+        if self.args["kourkoutas"] is not None:
+            out.update(self.args["kourkoutas"].host_scalars(HostView(self._kb_hp(h.hp), h.step, h.lr)))
+        return out
 
     def state_scalars(self, state: Mapping[str, torch.Tensor], h: HostView) -> dict[str, Any]:
         hp = h.hp
@@ -189,53 +243,37 @@ class Prodigy(Transform):
         ratio = d / hp["d0"]
         c = b1 if hp["nesterov_coef"] is None else hp["nesterov_coef"]
         return {"d": d, "d_bc": d_bc, "num_coef": ratio * dlr, "s_coef": ratio * (d if hp["safeguard_warmup"] else dlr),
-                "m_coef": d * (1.0 - b1), "v_coef": d * d * (1.0 - b2), "nesterov_g": d * (1.0 - c)}
+                "m_coef": d * (1.0 - b1), "v_coef": d * d * (1.0 - b2), "dd": d * d, "nesterov_g": d * (1.0 - c)}
 
     # -- the reduction -----------------------------------------------------------------------------
     def reduce(self, b: Any) -> list[torch.Tensor]:
-        """Per parameter ``[(d/d0) dlr <gs, p0 - ps>, sum |s|]`` (fp64), updating ``s`` on the way.
+        """Per parameter ``[(d/d0) dlr <gs, p0 - ps>, sum |s|]`` (fp64), updating ``s`` on the way
+        (:func:`~adv_chain.transforms.prodigy_sums.reduce_sums`); with a nested Kourkoutas-beta a
+        pair per parameter: those sums and its value."""
+        kb = self.args["kourkoutas"]
+        layer = None if kb is None else kb.reduce(b)  # its state lives under this transform's name
+        if not b.s("lr_on") or not b.s("adapting"):
+            if not b.s("adapting"):  # d is frozen: free the statistics (adv_optm deletes them)
+                for x in (*b.state("s"), *b.state("p0")):
+                    if x.numel():
+                        x.set_(x.new_empty(0))
+            out = [torch.zeros(2, dtype=torch.float64, device=p.device) for p in b.params]
+        else:
+            out = self._reduce_sums(b)
+        if layer is None:
+            return out
+        return list(zip(out, layer))  # (Prodigy's sums, Kourkoutas-beta's value) per parameter
 
-        A parameter at a time, slice by slice through one cache-sized scratch buffer: ``p0 - ps``
-        and ``|s|`` are never full-size temporaries, and ``gs``, ``s`` stay in cache across the four
-        passes (prodigyopt's loop has the same locality per parameter). A parameter of at most one
-        slice computes exactly what prodigyopt does; a longer one sums its slices' fp32 partial sums
-        in fp64 (another summation order, no less accurate)."""
-        if not b.s("lr_on"):
-            return [torch.zeros(2, dtype=torch.float64, device=p.device) for p in b.params]
-        slice_p = self.args["slice_p"]
-        beta3, s_coef, num_coef = b.s("beta3"), b.s("s_coef"), b.s("num_coef")
-        scratch: dict[Any, torch.Tensor] = {}
-        out = []
-        for g, s, p0, p in zip(b.u, b.state("s"), b.state("p0"), b.params):
-            gs = _sliced(g, slice_p)
-            ps = _sliced(p.detach(), slice_p)
-            n = s.numel()
-            key = (s.dtype, s.device)
-            buf = scratch.get(key)
-            if buf is None or buf.numel() < min(n, _REDUCE_SLICE):
-                buf = scratch[key] = torch.empty(min(max(n, 1), _REDUCE_SLICE), dtype=s.dtype, device=s.device)
-            parts = torch.empty(2, -(-n // _REDUCE_SLICE), dtype=s.dtype, device=s.device)
-            for j, start in enumerate(range(0, n, _REDUCE_SLICE)):
-                end = min(n, start + _REDUCE_SLICE)
-                tmp, g_j, s_j = buf[:end - start], gs[start:end], s[start:end]
-                if g_j.dtype != s.dtype:
-                    g_j = g_j.to(s.dtype)
-                torch.sub(p0 if p0.dim() == 0 else p0[start:end], ps[start:end], out=tmp)
-                torch.dot(g_j, tmp, out=parts[0, j])
-                s_j.mul_(beta3)
-                if F.is_tensor(s_coef):  # s + c*g rounded once, as prodigyopt's add_(g, alpha=c)
-                    s_j.addcmul_(g_j, s_coef)
-                else:
-                    s_j.add_(g_j, alpha=s_coef)
-                torch.abs(s_j, out=tmp)
-                torch.sum(tmp, dim=0, out=parts[1, j])  # as prodigyopt (not a norm: another order)
-            total = parts.double() if parts.shape[1] == 1 else parts.double().sum(1)
-            total[0] *= num_coef
-            out.append(total.view(2) if parts.shape[1] == 1 else total)
-        return out
+    def _reduce_sums(self, b: Any) -> list[torch.Tensor]:
+        return reduce_sums(b, self.args["slice_p"])
 
     def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
                  hp: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        kb = self.args["kourkoutas"]
+        layer: dict[str, Any] = {}
+        if kb is not None:  # the per-layer beta2 (and next r_ema) of the nested Kourkoutas-beta
+            layer = kb.finalize([v[1] for v in values], layer_keys, self._kb_hp(hp))
+            values = [v[0] for v in values]
         dev = values[0].device
         total = torch.stack([v.to(dev) for v in values]).sum(0)
         d, d_max, num_prev, k = (hp[key].to(dev) for key in ("d", "d_max", "d_numerator", "k"))
@@ -252,10 +290,16 @@ class Prodigy(Transform):
         return {"d": d_next, "d_max": torch.where(active, d_max_new, d_max),
                 "d_numerator": torch.where(active, num, num_prev), "k": k + active.to(k.dtype),
                 "d_next": d_next, "active": active.to(d.dtype), "d_hat": torch.where(active, d_hat, d),
-                "d_denom": den}
+                "d_denom": den, **layer}
 
     # -- the update --------------------------------------------------------------------------------
     def update(self, b: Any) -> None:
+        beta2 = None
+        if self.args["kourkoutas"] is not None:
+            # r_ema <- its new value; this step's ||g||^2 kept for the next (it runs whatever lr is,
+            # as the kourkoutas_beta transform does)
+            self.args["kourkoutas"].update(b)
+            beta2 = b.signals.pop("beta2")
         if not b.s("lr_on"):
             b.skip_apply = True  # prodigyopt skips a group with lr = 0 (and the whole step if all are)
             return
@@ -265,8 +309,13 @@ class Prodigy(Transform):
             m = b.state("exp_avg")
             torch._foreach_mul_(m, b.s("b1"))
             _add_scaled_(m, g, b.s("m_coef"))
-        torch._foreach_mul_(v, b.s("b2"))
-        F.addcmul_(v, g, g, b.s("v_coef"))
+        if beta2 is None:
+            torch._foreach_mul_(v, b.s("b2"))
+            F.addcmul_(v, g, g, b.s("v_coef"))
+        else:  # one beta2 per tensor: v = beta2 v + d^2 (1 - beta2) g^2 (the coefficient in fp64, as adv_optm)
+            torch._foreach_mul_(v, beta2)
+            dd = b.s("dd")
+            torch._foreach_addcmul_(v, torch._foreach_mul(g, [dd * (1.0 - x) for x in beta2]), g)
         d_step = b.s("d_next") if self.args["step_d"] == "next" else b.s("d")
         if b.s("nesterov"):  # c*m + (1-c)*d*g  (adv_optm's B2 mixes the raw g)
             n = torch._foreach_mul(m, b.s("nesterov_c"))
@@ -276,7 +325,8 @@ class Prodigy(Transform):
         else:
             n = None  # u = d' * g: the scale takes d' (prodigyopt's addcdiv(g, denom, -dlr * d'))
         denom = torch._foreach_sqrt(v)
-        scale = b.s("d_bc") * b.s("active")
+        # frozen d (prodigy_steps): the finalize saw no sums, yet the step moves with the kept d
+        scale = b.s("d_bc") * b.s("active") if b.s("adapting") else b.s("d_bc")
         if b.s("use_atan2"):
             if n is None:
                 n = torch._foreach_mul(g, d_step)
@@ -284,7 +334,10 @@ class Prodigy(Transform):
             torch._foreach_mul_(u, scale * _ATAN2_SCALE)
             b.set_u(u)
         else:
-            F.add_scalar_(denom, d_step * b.s("eps"))
+            if b.s("auto_eps"):  # d * eps with eps = 1/sqrt(N) per tensor
+                torch._foreach_add_(denom, [d_step * e for e in b.state("auto_eps")])
+            else:
+                F.add_scalar_(denom, d_step * b.s("eps"))
             # u = (dlr/lr * m) / denom left pending: the terminal folds it into prodigyopt's
             # addcdiv(m, denom, value=-dlr), and u is never written out
             if n is None:
@@ -292,9 +345,29 @@ class Prodigy(Transform):
             else:
                 b.set_u_scaled(n, scale)
             b.divide_u_(denom)
+        if self.args["publish_denom"]:  # read (not changed) by fisher_wd
+            b.publish_denom(denom)
         # decay by d*lr*wd: as the decay transforms' multiplier (an explicit term p - c*p; the
         # coefficient path p * (1 - c) would round 1 - c to fp32 and lose most of a tiny c = wd*d*lr)
-        b.signals["wd_scale"] = scale
+        b.signals[self.args["decay_signal"]] = scale
+
+
+class ProdigyFisherWD(FisherWD):
+    """:func:`fisher_wd` on the denominator :func:`prodigy` publishes (``publish_denom=True``), which
+    holds Prodigy's ``d * eps`` already: ``eps`` (default 0) is not fed by ``group["eps"]`` (that is
+    Prodigy's), only by ``group["fisher_wd.eps"]``. Pair it with ``prodigy(decay_signal="lr_scale")``.
+
+    >>> import adv_chain as ac
+    >>> ac.chain(ac.prodigy(publish_denom=True, decay_signal="lr_scale"), ProdigyFisherWD(),
+    ...          ac.weight_decay(0.1), ac.apply()).names
+    ('prodigy', 'fisher_wd', 'weight_decay', 'apply')
+    """
+
+    type_name = "prodigy_fisher_wd"
+    hparams = {"eps": HParam(None, checks.nonneg)}
+
+    def __init__(self, eps: float = 0.0, atan2: bool = False, *, name: str | None = None) -> None:
+        super().__init__(eps=eps, atan2=atan2, name=name)
 
 
 prodigy = Prodigy

@@ -56,9 +56,9 @@ class _StateWrapper(Transform):
         if not isinstance(inner, Transform):
             raise ValueError(f"{self.type_name}: inner={inner!r} is not allowed; inner must be a transform such as "
                              "ac.scale_by_adam()")
-        if inner.terminal or inner.scope not in ("elementwise", "tensor"):
-            raise ValueError(f"{self.type_name}: inner={inner!r} is not allowed; inner must be an elementwise or "
-                             f"per-tensor transform with state (its scope is {inner.scope!r}"
+        if inner.terminal or inner.scope not in ("elementwise", "tensor", "global"):
+            raise ValueError(f"{self.type_name}: inner={inner!r} is not allowed; inner must be an elementwise, "
+                             f"per-tensor or global transform with state (its scope is {inner.scope!r}"
                              f"{', and it is a terminal' if inner.terminal else ''})")
         name = inner.name if name is None else name
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -69,7 +69,7 @@ class _StateWrapper(Transform):
                             ("writes", inner.writes), ("consumes", inner.consumes),
                             ("optional_signals", inner.optional_signals), ("hparams", inner.hparams),
                             ("static_scalars", inner.static_scalars | self._own_static),
-                            ("excludes", inner.excludes)):
+                            ("excludes", inner.excludes), ("group_mirrors", inner.group_mirrors)):
             object.__setattr__(self, attr, value)
 
     _own_static: frozenset[str] = frozenset()
@@ -117,6 +117,23 @@ class _StateWrapper(Transform):
     def host_scalars(self, h: HostView) -> dict[str, Any]:
         return self.inner.host_scalars(h)
 
+    # a global inner transform (Prodigy): its reduction runs on the stored state, unchanged (the
+    # state it reduces over is not compressed: only its moments are)
+    def reduce(self, b: Any) -> list[torch.Tensor]:
+        return self.inner.reduce(b)
+
+    def finalize(self, values: list[torch.Tensor], layer_keys: list[Any], hp: Mapping[str, Any]) -> dict[str, Any]:
+        return self.inner.finalize(values, layer_keys, hp)
+
+    def layer_key(self, param: torch.Tensor, index: int, group: Mapping[str, Any]) -> Any:
+        return self.inner.layer_key(param, index, group)
+
+    def group_state(self, hp: Mapping[str, Any]) -> dict[str, float]:
+        return self.inner.group_state(hp)
+
+    def state_scalars(self, state: Mapping[str, torch.Tensor], h: HostView) -> dict[str, Any]:
+        return self.inner.state_scalars(state, h)
+
     def _chunk_elems(self, keys: int) -> int:
         """Elements per chunk: ``chunk_bytes`` of dense fp32 state over ``keys`` state keys."""
         return max(1, self.options["chunk_bytes"] // (4 * max(1, keys)))
@@ -159,6 +176,15 @@ class FactoredState(_StateWrapper):
 
     type_name = "factored_state"
     default_name = "factored_state"
+
+    @property
+    def scope(self) -> str:  # type: ignore[override]
+        return "global" if self.inner.scope == "global" else "tensor"
+
+    @property
+    def whole_tensors(self) -> bool:
+        """Its update needs whole tensors (the factors' rows), also as a global transform."""
+        return True
 
     def __init__(self, inner: "Transform | Mapping[str, Any]", rank: int = 1, vector_reshape: bool = False,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, keys: "tuple[str, ...] | None" = None, *,
@@ -303,8 +329,14 @@ class LowPrecisionState(_StateWrapper):
     def scope(self) -> str:  # type: ignore[override]
         # bf16/fp16 storage is elementwise: it runs on cache-sized slices like the plain chain;
         # int8 blocks follow the flattened tensor and need whole tensors
-        elementwise = self.options["dtype"] != "int8" and self.inner.scope == "elementwise"
+        elementwise = self.options["dtype"] != "int8" and self.inner.scope in ("elementwise", "global")
+        if self.inner.scope == "global":
+            return "global"
         return "elementwise" if elementwise else "tensor"
+
+    @property
+    def whole_tensors(self) -> bool:
+        return self.options["dtype"] == "int8" or self.inner.scope == "tensor"
 
     def host_scalars(self, h: HostView) -> dict[str, Any]:
         return {**self.inner.host_scalars(h), "sr_step": h.step}
