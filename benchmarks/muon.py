@@ -8,6 +8,10 @@ row: ``muon_momentum -> newton_schulz (bf16) -> muon_scale("rms") -> apply``, wh
 default math. Each row is timed in alternating pairs against the batched adv_chain step in the same
 process (``_timing.py``); a ratio above 1 means slower than batched adv_chain.
 
+Two rows time low-rank orthogonalization (``--rank``, default 128; arXiv 2509.11983: ``Q NS(Q^T G)``
+with ``Q = qr(G Omega)``): adv_chain's ``newton_schulz(rank=R)`` and adv-optm's
+``Muon_adv(low_rank_ortho=True, ortho_rank=R)``, both against the same full-rank batched baseline.
+
 The last two rows time the orthogonalization alone (bf16, 5 steps) handed every matrix in one call,
 batched by shape, against one call per matrix: what batching buys when a bucket holds every
 same-shaped matrix. (In the optimizer, eager tensor-scope segments run on chunks of about 256K
@@ -45,19 +49,21 @@ class PerMatrixNewtonSchulz(NewtonSchulz):
 
     type_name = ""  # not registered: benchmark only
 
-    def _orthogonalize(self, mats):
-        return [super(PerMatrixNewtonSchulz, self)._orthogonalize([m])[0] for m in mats]
+    def _orthogonalize(self, mats, sketches=None):
+        one = super(PerMatrixNewtonSchulz, self)._orthogonalize
+        return [one([m], None if sketches is None else [sketches[i]])[0] for i, m in enumerate(mats)]
 
 
-def chain_step(params, per_matrix: bool):
-    ns = PerMatrixNewtonSchulz() if per_matrix else ac.newton_schulz()
+def chain_step(params, per_matrix: bool, rank=None):
+    ns = PerMatrixNewtonSchulz() if per_matrix else ac.newton_schulz(rank=rank)
     chain = ac.chain(ac.muon_momentum(), ns, ac.muon_scale(), ac.apply())
     return ac.ChainOptimizer(params, chain, lr=LR).step
 
 
-def adv_optm_step(params):
+def adv_optm_step(params, rank=None):
     import adv_optm
-    return adv_optm.Muon_adv(params, lr=LR).step
+    low = {} if rank is None else {"low_rank_ortho": True, "ortho_rank": rank}
+    return adv_optm.Muon_adv(params, lr=LR, **low).step
 
 
 def matrices(set_name: str):
@@ -74,6 +80,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=128, help="ortho_rank of the low-rank rows")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     out = [f"## Muon step time: `python {shlex.join(sys.argv)}`", "",
@@ -91,7 +98,10 @@ def main() -> None:
                     "| row | step time | ratio vs batched |", "|---|---:|---:|"]
             base = chain_step(clone_params(template), per_matrix=False)
             rows = {"adv_chain, NS per matrix (loop)": chain_step(clone_params(template), per_matrix=True),
-                    "adv-optm 2.5.16 Muon_adv": adv_optm_step(clone_params(template))}
+                    "adv-optm 2.5.16 Muon_adv": adv_optm_step(clone_params(template)),
+                    f"adv_chain, low-rank NS (rank={args.rank})": chain_step(clone_params(template), False, args.rank),
+                    f"adv-optm 2.5.16 Muon_adv, low_rank_ortho (rank={args.rank})":
+                        adv_optm_step(clone_params(template), args.rank)}
             base_ms = []
             for name, row in rows.items():
                 print(f"  {set_name} threads={threads} {name}", file=sys.stderr, flush=True)

@@ -1,6 +1,8 @@
-"""The Muon family (adv_chain/transforms/muon.py): Newton-Schulz bands and batching, each transform
-against formulas written here from the spec (§2.7, §2.8, §3.3, §5.6-§5.8), parity with adv-optm
-2.5.16's Muon_adv / AdaMuon_adv, the bug fixes B1/B6/B7, argument errors, checkpoints and compile."""
+"""The Muon family (adv_chain/transforms/muon.py): Newton-Schulz bands and batching, low-rank
+orthogonalization (adv_chain/transforms/low_rank.py) against a plain-torch re-implementation with the
+same sketch, each transform against formulas written here from the spec (§2.7, §2.8, §3.3, §5.6-§5.8),
+parity with adv-optm 2.5.16's Muon_adv / AdaMuon_adv, the bug fixes B1/B6/B7, argument errors,
+checkpoints and compile."""
 import copy
 import math
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 import adv_chain as ac
+from adv_chain.transforms.low_rank import gaussian_sketch
 from adv_chain.transforms.muon import QUINTIC, orthogonalize
 
 A, B, C = QUINTIC
@@ -123,6 +126,105 @@ def test_transform_on_a_bucket_equals_each_tensor_alone():
         alone = [_params(*shapes)[i]]
         _run(alone, chain(), [[g[i]] for g in grads], lr=0.01)
         torch.testing.assert_close(alone[0], together[i], atol=1e-6, rtol=0)
+
+
+# -- (2b) low-rank orthogonalization (spec §5.6, arXiv 2509.11983) ---------------------------------------
+
+def _low_rank_oracle(g: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """Spec §5.6's last paragraph in fp64: Q = qr(G Omega).Q, result Q NS(Q^T G); the NS floor is the
+    whole matrix's (eps=1e-7 here, so it never binds)."""
+    q = torch.linalg.qr(g.double() @ omega.double()).Q
+    return (q @ _ns_oracle(q.T @ g.double()).double()).float()
+
+
+@pytest.mark.parametrize("shape,rank", [((16, 40), 3), ((40, 16), 5), ((12, 12), 12), ((6, 30), 6), ((1, 9), 4)])
+def test_low_rank_matches_a_plain_reimplementation_with_the_same_sketch(shape, rank):
+    gen = torch.Generator().manual_seed(8)
+    g = torch.randn(shape, generator=gen)
+    omega = torch.randn(shape[1], min(rank, *shape), generator=gen)
+    out, = orthogonalize([g], sketches=[omega], dtype=torch.float32)
+    torch.testing.assert_close(out, _low_rank_oracle(g, omega), atol=3e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (24, 16)])
+def test_low_rank_with_a_full_sketch_spans_the_same_space_as_full_rank(shape):
+    """r = min(m, n): Q spans G's range and the iteration commutes with it, so Q NS(Q^T G) = NS(G)."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    full, = orthogonalize([g], dtype=torch.float32)
+    low, = orthogonalize([g], sketches=[gaussian_sketch(shape[1], min(shape), 5, g.device)], dtype=torch.float32)
+    torch.testing.assert_close(low, full, atol=5e-5, rtol=0)
+    big, = orthogonalize([g], dtype=torch.float32,  # a larger requested rank is cut to min(m, n) by the transform
+                         sketches=[gaussian_sketch(shape[1], min(shape), 6, g.device)])
+    torch.testing.assert_close(big, full, atol=5e-5, rtol=0)
+
+
+def test_low_rank_output_has_rank_r_in_the_sketched_range():
+    g = torch.randn(20, 30, generator=torch.Generator().manual_seed(10))
+    for r in (1, 3, 7):
+        omega = gaussian_sketch(30, r, 11 + r, g.device)
+        out, = orthogonalize([g], sketches=[omega], dtype=torch.float32)
+        sv = torch.linalg.svdvals(out.double())
+        assert int((sv > 1e-4).sum()) == r and sv[:r].min() > 0.6 and sv[0] < 1.2  # orthogonal on r directions
+        q = torch.linalg.qr(g.double() @ omega.double()).Q
+        assert (out.double() - q @ (q.T @ out.double())).abs().max() < 1e-5  # columns in span(G Omega)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_rank_batched_by_shape_equals_per_matrix_loop(dtype):
+    gen = torch.Generator().manual_seed(12)
+    mats = [torch.randn(s, generator=gen) for s in [(16, 32), (32, 16), (16, 32), (16, 32)]]
+    sk = [torch.randn(m.shape[1], 4, generator=gen) for m in mats]
+    batched = orthogonalize(mats, sketches=sk, dtype=dtype)
+    for m, o, x in zip(mats, sk, batched):
+        torch.testing.assert_close(x, orthogonalize([m], sketches=[o], dtype=dtype)[0], atol=1e-6, rtol=0)
+
+
+def test_gaussian_sketch_is_standard_normal_a_pure_function_of_its_key_and_leaves_the_rng_alone():
+    rng = torch.get_rng_state()
+    z = gaussian_sketch(500, 200, 12345, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01 and abs((z ** 4).mean().item() - 3) < 0.05
+    assert abs(torch.corrcoef(torch.stack([z[:, 0], z[:, 1]]))[0, 1].item()) < 0.15
+    assert torch.equal(z, gaussian_sketch(500, 200, 12345, torch.device("cpu")))
+    assert not torch.equal(z, gaussian_sketch(500, 200, 12346, torch.device("cpu")))
+    assert torch.equal(gaussian_sketch(3, 2, torch.tensor(12345, dtype=torch.int32), torch.device("cpu")),
+                       gaussian_sketch(3, 2, 12345, torch.device("cpu")))
+
+
+def _low_rank_chain(seed=0):
+    return ac.chain(ac.muon_momentum(), ac.newton_schulz(rank=4, seed=seed), ac.muon_scale(),
+                    ac.stochastic_round_apply())
+
+
+def test_low_rank_transform_is_seeded_and_uses_no_global_rng():
+    shapes = [(8, 12), (8, 12), (12, 8)]
+    grads = _grads(shapes, 3)
+    rng = torch.get_rng_state()
+    runs = [_params(*shapes) for _ in range(3)]
+    for params, seed in zip(runs, (0, 0, 1)):
+        _run(params, _low_rank_chain(seed), grads, lr=0.01)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(x, y) for x, y in zip(runs[0], runs[1]))          # same seed, same run
+    assert all(not torch.equal(x, y) for x, y in zip(runs[0], runs[2]))      # another seed, other sketches
+
+
+def test_low_rank_sketch_is_new_for_every_tensor_and_step():
+    """Rank 1 on the same gradient: the step is the sketched direction, so two equal steps would mean a
+    repeated sketch. Two same-shaped tensors over two steps give four different steps."""
+    g = torch.randn(8, 12, generator=torch.Generator().manual_seed(13))
+    params = _params((8, 12), (8, 12))
+    opt = ac.ChainOptimizer(params, ac.chain(ac.newton_schulz(rank=1, dtype="float32"), ac.apply()), lr=1.0)
+    steps = []
+    for _ in range(2):
+        before = [p.detach().clone() for p in params]
+        for p in params:
+            p.grad = g.clone()
+        opt.step()
+        steps += [(b - p.detach()).flatten() for b, p in zip(before, params)]
+    for i in range(len(steps)):
+        assert torch.linalg.matrix_rank(steps[i].view(8, 12)) == 1
+        for j in range(i + 1, len(steps)):
+            assert not torch.allclose(steps[i], steps[j], atol=1e-4), (i, j)
 
 
 # -- (3) every transform against the spec's formulas ---------------------------------------------------
@@ -389,6 +491,10 @@ def test_b7_vectors_and_scalars_are_orthogonalized_as_rows():
     (lambda: ac.newton_schulz(method="cubic"), ["method='cubic'", "quintic", "cans"]),
     (lambda: ac.newton_schulz(dtype="float16"), ["dtype='float16'", "bfloat16", "float32"]),
     (lambda: ac.newton_schulz(cans_lower_bound=2.0), ["cans_lower_bound=2.0", "(0.0, 1.0]"]),
+    (lambda: ac.newton_schulz(rank=0), ["rank=0", "positive int >= 1"]),
+    (lambda: ac.newton_schulz(rank=2.5), ["rank=2.5", "positive int"]),
+    (lambda: ac.newton_schulz(rank=True), ["rank=True", "positive int"]),
+    (lambda: ac.newton_schulz(rank=4, seed=-1), ["seed=-1", "int >= 0"]),
     (lambda: ac.muon_momentum(beta=1.0), ["beta=1.0", "[0.0, 1.0)"]),
     (lambda: ac.muon_momentum(nesterov_coef=1.5), ["nesterov_coef=1.5", "[0.0, 1.0]"]),
     (lambda: ac.muon_momentum(nesterov="yes"), ["nesterov='yes'", "True or False"]),
@@ -435,6 +541,8 @@ def test_config_round_trip():
                  ac.newton_schulz(steps=4, coefficients=(3.0, -4.0, 2.0), eps=None, method="cans", cans_lower_bound=0.01),
                  ac.kappa_projection(1.5), ac.normuon(0.9, 1e-6), ac.muon_scale("aspect", 0.3), ac.apply())
     assert ac.chain_from_config(c.to_json()) == c
+    low = ac.chain(ac.newton_schulz(rank=16, seed=3), ac.apply())
+    assert ac.chain_from_config(low.to_json()) == low and "rank=16, seed=3" in repr(low)
 
 
 def test_state_dict_round_trip_continues_identically():
@@ -452,6 +560,25 @@ def test_state_dict_round_trip_continues_identically():
             opt.step()
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+def test_low_rank_resumes_identically_after_a_checkpoint():
+    """The sketch is a function of (seed, step, parameter): a run resumed from a state_dict draws the
+    same sketches as the uninterrupted one, with nothing about them in the checkpoint."""
+    shapes = [(8, 12), (12, 8), (8, 12)]
+    grads = _grads(shapes, 6)
+    a = _params(*shapes)
+    opt_a = _run(a, _low_rank_chain(5), grads[:3], lr=0.01)
+    assert not any("newton_schulz" in k for k in opt_a.state[a[0]])
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_b = ac.ChainOptimizer(b, _low_rank_chain(5), lr=0.01)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    for opt, ps in ((opt_a, a), (opt_b, b)):
+        for step in grads[3:]:
+            for p, g in zip(ps, step):
+                p.grad = g.clone()
+            opt.step()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_state_dtypes_survive_a_bf16_checkpoint():

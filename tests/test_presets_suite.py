@@ -88,18 +88,21 @@ MAIN_OPTIONS.update({
                  dict(normuon_variant=True, approx_mars=True, adam_use_atan2=True, adam_kourkoutas_beta=True,
                       adam_fisher_wd=True, adam_weight_decay=0.1),
                  dict(rms_rescaling=False, accelerated_ns=True, centered_wd=0.5, centered_wd_mode="int8",
+                      spectral_normalization=True, adam_spectral_normalization=True, low_rank_ortho=True, ortho_rank=4,
                       adam_nesterov=True, use_muon=True)],
     "adamuon_adv": [dict(use_atan2=True, weight_decay=0.1, cautious_wd=True, adam_use_atan2=True),
                     dict(normuon_variant=True, approx_mars=True, orthogonal_gradient="iterative",
                          adam_kourkoutas_beta=True),
-                    dict(auto_projection=False, kappa_p=1.5, centered_wd=0.5, adam_eps=None, ns_steps=6)],
+                    dict(auto_projection=False, kappa_p=1.5, centered_wd=0.5, adam_eps=None, ns_steps=6,
+                         low_rank_ortho=True, ortho_rank=3)],
 })
 
 # adv_optm 2.2.3's Lion_Prodigy_adv (adv_chain/presets/lion_prodigy.py): its default d_limiter lets d grow by at
 # most 2^(1/4) per step from d0 = 1e-6, so 20 steps of d * lr move the weights only with a large lr
 PRESET_LR.update({"lion_prodigy_adv": 300.0})
 MAIN_OPTIONS.update({
-    "lion_prodigy_adv": [dict(weight_decay=0.1, cautious_wd=True, orthogonal_gradient="flattened", slice_p=1),
+    "lion_prodigy_adv": [dict(weight_decay=0.1, cautious_wd=True, orthogonal_gradient="flattened", slice_p=1,
+                              nnmf_factor=True),
                          dict(cautious_mask=True, kappa_p=1.5, clip_threshold=1.0, betas=(0.95, 0.98),
                               growth_rate=1.2, d_coef=0.5, beta3=0.9),
                          dict(auto_kappa_p=True, safeguard_warmup=True, weight_decay=0.01, prodigy_steps=10,
@@ -203,8 +206,9 @@ ANCHOR_DTYPES = {"float8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torc
 
 def assert_state_dtypes(opt: ac.ChainOptimizer) -> None:
     """Moments are fp32 whatever the param dtype; the documented exceptions are kahan_apply's
-    compensation buffer ``apply/kahan_comp``, which is in the parameter dtype, and centered_wd's
-    ``anchor`` (float8 / int8 / the parameter dtype by anchor mode; its block scales are fp32)."""
+    compensation buffer ``apply/kahan_comp``, which is in the parameter dtype, centered_wd's
+    ``anchor`` (float8 / int8 / the parameter dtype by anchor mode; its block scales are fp32), and
+    factored state's uint8 ``:sign``/``:zero`` bits (its ``:row``/``:col`` factors are fp32)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     tensors = state_tensors(opt)
     anchor_modes = {t.name: t.args["anchor"] for t in opt.chain.all_transforms if t.type_name == "centered_wd"}
@@ -213,6 +217,8 @@ def assert_state_dtypes(opt: ac.ChainOptimizer) -> None:
         tname, _, sub = key.partition("/")
         if tname in anchor_modes and sub == "anchor":
             expected = ANCHOR_DTYPES[anchor_modes[tname]] or params[i].dtype
+        if sub.endswith((":sign", ":zero")):  # factored state's packed sign bits and zero mask
+            expected = torch.uint8
         assert v.dtype == expected, f"state {key!r} of param {i} is {v.dtype}, expected {expected}"
 
 

@@ -16,7 +16,9 @@ class AdamW_adv(_DropIn):  # noqa: N801 - the reference's class name
     """adv_optm's ``AdamW_adv`` as a chain (preset ``adamw_adv``): every keyword of 2.5.16 and the
     legacy 2.2.3 ones (``cautious_mask``, ``grams_moment``, ``use_AdEMAMix``, ``beta3_ema``, ``alpha``,
     bool ``orthogonal_gradient``); ``compiled_optimizer=True`` means ``compile=True``.
-    ``layer_key_fn`` belongs to Kourkoutas-beta, which is not implemented yet."""
+    ``layer_key_fn`` (a custom Kourkoutas-beta bucketing function) is not implemented yet: any value
+    other than ``None`` raises ``NotImplementedError`` (``kourkoutas_beta`` itself works, with
+    adv_optm's shape buckets)."""
 
     foreign_checkpoints = ("adv_optm",)
 

@@ -22,8 +22,12 @@ class Muon_adv(_DropIn):  # noqa: N801 - the reference's class name
     group's ``use_muon`` / ``optim_type``, the constructor's ``use_muon``, then (with
     ``model.named_parameters()``) embeddings and heads by name to Adam (``adam_names``), then the
     reference's shape test (:mod:`adv_chain.presets.muon`). ``adam_kourkoutas_beta`` and
-    ``adam_fisher_wd`` work (the reference's bugs B4, B5). ``low_rank_ortho``,
-    ``spectral_normalization`` and ``adam_spectral_normalization`` raise ``NotImplementedError``.
+    ``adam_fisher_wd`` work (the reference's bugs B4, B5). ``low_rank_ortho=True`` orthogonalizes
+    ``Q NS(Q^T G)`` with ``Q = qr(G Omega)`` for a Gaussian sketch of rank ``ortho_rank`` (arXiv
+    2509.11983; seeded by ``seed``, reproducible across checkpoints); ``spectral_normalization=True``
+    replaces the rms scaling by ``lr * sqrt(d_out/d_in) / sigma`` (power iteration; turning
+    ``rms_rescaling`` off with a warning, as the reference; its dtype bug B6 fixed), and
+    ``adam_spectral_normalization=True`` does the same on the auxiliary Adam.
 
     >>> import torch, adv_chain as ac
     >>> model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(10, 8), "hidden": torch.nn.Linear(8, 16),
@@ -63,12 +67,19 @@ class Muon_adv(_DropIn):  # noqa: N801 - the reference's class name
 class AdaMuon_adv(_DropIn):  # noqa: N801 - the reference's class name
     """adv_optm's ``AdaMuon_adv`` as a chain (AdaMuon, arXiv 2507.11005): sign, Newton-Schulz and an
     elementwise second moment on hidden matrices, the auxiliary Adam on the rest (routing as
-    :class:`Muon_adv`). Every 2.5.16 keyword with its default; the same keywords are refused.
+    :class:`Muon_adv`). Every 2.5.16 keyword with its default, ``low_rank_ortho`` and the spectral
+    keywords as :class:`Muon_adv`.
 
     >>> import torch, adv_chain as ac
     >>> opt = ac.optim.AdaMuon_adv(torch.nn.Linear(8, 16).parameters(), lr=0.02, use_atan2=True)
     >>> [t.name for t in opt.chain["partition"].routes["muon"]][3:5]
     ['adamuon', 'atan2_scale']
+    >>> model = torch.nn.Linear(8, 16)
+    >>> opt = ac.optim.AdaMuon_adv(model.parameters(), lr=0.02, low_rank_ortho=True, ortho_rank=4,
+    ...                            spectral_normalization=True, rms_rescaling=False)
+    >>> model(torch.randn(4, 8)).square().mean().backward(); opt.step()
+    >>> sorted(k for k in opt.state[model.weight] if "/" in k)
+    ['adamuon/exp_avg_sq', 'muon_momentum/momentum_buffer', 'spectral/spectral_u', 'spectral/spectral_v']
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.95, 0.95),

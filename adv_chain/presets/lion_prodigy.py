@@ -10,6 +10,7 @@ from .._core import checks
 from .._core.chain import Chain, chain
 from ._registry import register
 from .adv import decay_stage, gradient_stage
+from ._storage import stored
 from .classic import terminal
 from .sign import tensor_clip_stage
 
@@ -37,10 +38,11 @@ def lion_prodigy_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: flo
     and ``d`` is Prodigy's estimate (spec §2.3: ``d0``, ``d_coef``, ``growth_rate``, ``beta3``,
     ``safeguard_warmup``, ``slice_p``, ``prodigy_steps``, ``d_limiter``), all in
     :func:`adv_chain.lion_prodigy`; bf16 weights are stochastically rounded once. The reference's
-    factored path updates ``m`` with ``b1`` (a bug; ``b2`` is right): not reproduced. Not implemented
-    (``NotImplementedError`` naming the keyword): ``nnmf_factor`` (the moment lives inside a global
-    transform, which :func:`factored_state` cannot wrap) and ``fsdp_in_use`` (as ``prodigy_adv``);
-    ``vector_reshape`` only matters with factored state.
+    factored path updates ``m`` with ``b1`` (a bug; ``b2`` is right): not reproduced. ``nnmf_factor``
+    stores ``m`` SMMF-factored (:func:`factored_state` around the global transform; ``vector_reshape``
+    factors 1-D tensors too), with the sign update only. Not implemented (``NotImplementedError``
+    naming the keyword): ``nnmf_factor`` with Lion-K or the cautious mask, and ``fsdp_in_use`` (as
+    ``prodigy_adv``).
 
     >>> import adv_chain as ac
     >>> ac.presets.lion_prodigy_adv(weight_decay=0.1, cautious_wd=True).names
@@ -49,10 +51,12 @@ def lion_prodigy_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: flo
     ('clip_by_tensor_norm', 'orthograd', 'lion_prodigy', 'weight_decay', 'apply')
     """
     name = "lion_prodigy_adv"
-    if checks.flag(name, "nnmf_factor", nnmf_factor):
-        raise NotImplementedError(f"{name}: nnmf_factor=True (SMMF-factored state) is not implemented: the moment "
-                                  "lives inside the global lion_prodigy transform, which factored_state cannot "
-                                  "wrap; leave it False")
+    projected = kappa_p != 1.0 or checks.flag(name, "auto_kappa_p", auto_kappa_p) or cautious_mask
+    if checks.flag(name, "nnmf_factor", nnmf_factor) and projected:
+        raise NotImplementedError(f"{name}: nnmf_factor=True together with kappa_p={kappa_p!r}, auto_kappa_p="
+                                  f"{auto_kappa_p!r} or cautious_mask={cautious_mask!r} is not implemented (their "
+                                  "per-tensor sums read the dense moment inside Prodigy's reduction); use the sign "
+                                  "update (kappa_p=1.0, auto_kappa_p=False, cautious_mask=False) with nnmf_factor")
     if checks.flag(name, "fsdp_in_use", fsdp_in_use):
         raise NotImplementedError(f"{name}: fsdp_in_use=True (the reference's all-reduce of Prodigy's sums over "
                                   "FSDP1 flat shards) is not implemented; leave it False (on FSDP2's DTensor "
@@ -62,10 +66,11 @@ def lion_prodigy_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: flo
     return chain(
         *tensor_clip_stage(name, clip_threshold),
         *gradient_stage(name, orthogonal_gradient),
-        T.lion_prodigy(betas=betas, beta3=beta3, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
-                       safeguard_warmup=safeguard_warmup, slice_p=slice_p, d_limiter=d_limiter,
-                       prodigy_steps=prodigy_steps, kappa_p=kappa_p, auto_kappa_p=auto_kappa_p,
-                       cautious=checks.flag(name, "cautious_mask", cautious_mask)),
+        stored(name, T.lion_prodigy(betas=betas, beta3=beta3, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
+                                    safeguard_warmup=safeguard_warmup, slice_p=slice_p, d_limiter=d_limiter,
+                                    prodigy_steps=prodigy_steps, kappa_p=kappa_p, auto_kappa_p=auto_kappa_p,
+                                    cautious=checks.flag(name, "cautious_mask", cautious_mask)),
+               nnmf_factor=nnmf_factor, vector_reshape=vector_reshape, seed=seed),
         decay_stage(weight_decay, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),
     )

@@ -33,20 +33,26 @@ reference's group keys ``adam_betas``, ``adam_eps``, ``adam_weight_decay``, ``ad
   reductions only;
 * **B5**: ``adam_fisher_wd=True`` applies FAdam's Fisher weight decay to the auxiliary Adam (the
   reference reads a key that is never set: a no-op);
-* and from the Muon transforms: B1 (factored Muon keeps lr and the weight's geometry), B6 (the scale
-  always reaches the parameter), B7 (vectors forced into Muon are ``1 x n`` matrices, no crash).
+* **B13**: with ``adam_spectral_normalization`` the auxiliary Adam's step is not multiplied by
+  ``1/(1 - beta1^t)`` (the normalized direction needs no bias correction; :func:`adamw_adv` does the same);
+* and from the Muon transforms: B1 (factored Muon keeps lr and the weight's geometry), B6 (the
+  spectral scale always reaches the parameter: the direction is fp32 and scaled in place, whatever
+  the parameter's dtype), B7 (vectors forced into Muon are ``1 x n`` matrices, no crash).
 """
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from typing import Any
 
 from .. import transforms as T
 from .._core import checks
 from .._core.chain import Chain, chain
+from .._core.transform import Transform
 from ._registry import register
 from ._storage import stored
-from .adv import adamw_adv, centered_stage, decay_stage, gradient_stage, not_yet
+from .adv import adamw_adv, centered_stage, decay_stage, gradient_stage, spectral_stage
 from .classic import terminal
 
 #: names routed to the auxiliary Adam when the optimizer gets named parameters: embeddings
@@ -75,19 +81,23 @@ def muon_rules(use_muon: bool | None = None, adam_names: str | None = DEFAULT_AD
 def aux_adam(preset: str, *, adam_betas: Any, adam_eps: Any, adam_weight_decay: float, adam_fisher_wd: bool,
              adam_use_bias_correction: bool, adam_use_atan2: bool, adam_orthogonal_gradient: Any, adam_nesterov: bool,
              adam_nesterov_coef: Any, adam_kourkoutas_beta: bool, adam_beta2_min: float, adam_ema_alpha: float,
-             adam_tiny_spike: float, adam_k_warmup_steps: int, adam_state_precision: str, adam_nnmf_factor: bool,
-             adam_factored_2nd: bool, cautious_wd: bool, centered_wd: float, centered_wd_mode: str,
-             vector_reshape: bool, seed: int) -> Chain:
-    """The auxiliary Adam route (spec §2.9) with B4 and B5 fixed (module docstring)."""
+             adam_tiny_spike: float, adam_k_warmup_steps: int, adam_spectral_normalization: bool,
+             adam_state_precision: str, adam_nnmf_factor: bool, adam_factored_2nd: bool, cautious_wd: bool,
+             centered_wd: float, centered_wd_mode: str, vector_reshape: bool, seed: int) -> Chain:
+    """The auxiliary Adam route (spec §2.9) with B4, B5 and B13 fixed (module docstring).
+    ``adam_spectral_normalization``: :func:`spectral_normalization` as in :func:`adamw_adv`, then, with
+    ``adam_use_atan2``, ``scale(4/pi)``: the reference's auxiliary Adam keeps atan2's factor there."""
     if adam_kourkoutas_beta and adam_orthogonal_gradient == "iterative":
         raise NotImplementedError(f"{preset}: adam_kourkoutas_beta=True with adam_orthogonal_gradient='iterative' is "
                                   "not implemented yet (leave one of them off)")
+    checks.flag(preset, "adam_spectral_normalization", adam_spectral_normalization)
     full = adamw_adv(betas=adam_betas, eps=adam_eps, weight_decay=adam_weight_decay, fisher_wd=adam_fisher_wd,
                      cautious_wd=cautious_wd, use_bias_correction=adam_use_bias_correction, use_atan2=adam_use_atan2,
                      orthogonal_gradient=adam_orthogonal_gradient, nesterov=adam_nesterov,
                      nesterov_coef=adam_nesterov_coef, kourkoutas_beta=adam_kourkoutas_beta,
                      beta2_min=adam_beta2_min, ema_alpha=adam_ema_alpha, tiny_spike=adam_tiny_spike,
-                     k_warmup_steps=adam_k_warmup_steps, centered_wd=centered_wd, centered_wd_mode=centered_wd_mode,
+                     k_warmup_steps=adam_k_warmup_steps, spectral_normalization=adam_spectral_normalization,
+                     centered_wd=centered_wd, centered_wd_mode=centered_wd_mode,
                      state_precision=adam_state_precision, factored_2nd=adam_factored_2nd,
                      nnmf_factor=adam_nnmf_factor, vector_reshape=vector_reshape, seed=seed)
     out = []
@@ -95,13 +105,44 @@ def aux_adam(preset: str, *, adam_betas: Any, adam_eps: Any, adam_weight_decay: 
         if t.type_name == "kourkoutas_beta":
             t = t.with_args(layer_key="tensor")  # per-tensor layers: a reduction a partition route runs
         out.append(t if t.name == "adam" else t.renamed("adam_" + t.name))
+        if t.type_name == "spectral_normalization" and adam_use_atan2:
+            out.append(T.scale(4 / math.pi, name="adam_atan2_factor"))
     return chain(*out)
 
 
-def _ns(ns_steps: int, ns_eps: Any, ns_coeffs: Any, accelerated_ns: bool, cns_a_bound: Any) -> T.newton_schulz:
+#: the keywords :func:`aux_adam` takes, forwarded by name from a preset's own (one list for both presets)
+_AUX_KEYWORDS = tuple(inspect.signature(aux_adam).parameters)[1:]
+
+
+def _aux_from(preset: str, keywords: dict[str, Any]) -> Chain:
+    """:func:`aux_adam` on the ``adam_*`` (and shared) keywords of a preset call (its ``locals()``)."""
+    return aux_adam(preset, **{k: keywords[k] for k in _AUX_KEYWORDS})
+
+
+def _low_rank(preset: str, low_rank_ortho: bool, ortho_rank: Any) -> int | None:
+    """``newton_schulz``'s ``rank`` from the reference's ``low_rank_ortho``/``ortho_rank``."""
+    if not isinstance(ortho_rank, int) or isinstance(ortho_rank, bool) or ortho_rank < 1:
+        raise ValueError(f"{preset}: ortho_rank={ortho_rank!r} must be a positive int >= 1 (the sketch's rank)")
+    return ortho_rank if checks.flag(preset, "low_rank_ortho", low_rank_ortho) else None
+
+
+def _final_scale(preset: str, spectral: bool, rms_rescaling: bool, seed: int, rms: Transform) -> tuple:
+    """Muon's step scale: ``spectral_normalization`` replaces ``muon_scale`` (rms or aspect); with
+    ``rms_rescaling=True`` too, the reference warns and turns rms_rescaling off, and so does this."""
+    if not checks.flag(preset, "spectral_normalization", spectral):
+        return (rms,)
+    if rms_rescaling:
+        warnings.warn(f"{preset}: spectral_normalization=True is incompatible with rms_rescaling=True; "
+                      "rms_rescaling is turned off (as adv_optm does). Pass rms_rescaling=False to silence this.",
+                      UserWarning, stacklevel=4)
+    return spectral_stage(preset, True, seed)
+
+
+def _ns(ns_steps: int, ns_eps: Any, ns_coeffs: Any, accelerated_ns: bool, cns_a_bound: Any, rank: int | None,
+        seed: int) -> T.newton_schulz:
     method = "cans" if checks.flag("preset", "accelerated_ns", accelerated_ns) else "quintic"
     return T.newton_schulz(steps=ns_steps, coefficients=tuple(ns_coeffs), eps=ns_eps, method=method,
-                           cans_lower_bound=cns_a_bound)
+                           cans_lower_bound=cns_a_bound, rank=rank, seed=seed)
 
 
 def _gradient(preset: str, approx_mars: bool, mars_gamma: float, beta: float, orthogonal_gradient: Any) -> tuple:
@@ -142,18 +183,33 @@ def muon_adv(beta1: float = 0.95, weight_decay: float = 0.0, cautious_wd: bool =
     Muon route (hidden matrices), in the reference's order::
 
         [approx_mars(mars_gamma, beta1)] [orthograd] muon_momentum(beta1, nesterov, nesterov_coef)
-        newton_schulz(ns_steps, ns_coeffs, ns_eps; CANS with accelerated_ns / cns_a_bound)
-        [normuon(beta2_normuon, normuon_eps)] muon_scale("rms" | "aspect" when rms_rescaling=False)
+        newton_schulz(ns_steps, ns_coeffs, ns_eps; CANS with accelerated_ns / cns_a_bound;
+                      rank=ortho_rank with low_rank_ortho)
+        [normuon(beta2_normuon, normuon_eps)]
+        muon_scale("rms" | "aspect" when rms_rescaling=False) | spectral_normalization
         weight_decay (cautious with cautious_wd) [centered_wd]
 
     i.e. ``b = lerp(b, g, 1-beta1)``, ``u = NS(lerp(g, b, c))``, ``U = lr * 0.2 sqrt(numel) u / ||u||``.
+
+    * ``low_rank_ortho=True`` (arXiv 2509.11983): ``r = min(ortho_rank, m, n)``, a fresh Gaussian
+      ``Omega`` (``n x r``, counter-based noise from ``seed``, step and parameter: reproducible, also
+      after a checkpoint, never the global RNG), ``Q = qr(G Omega)`` in fp32, ``u = Q NS(Q^T G)``
+      (:mod:`adv_chain.transforms.low_rank`). ``ortho_rank`` must be a positive int.
+    * ``spectral_normalization=True`` (spec §6): ``U = lr * target / sigma * u`` with ``sigma`` the
+      power-iteration estimate of ``||u||_2`` and ``target = sqrt(d_out / d_in)`` replaces
+      ``muon_scale``; with ``rms_rescaling=True`` (the default) a ``UserWarning`` says rms_rescaling
+      is off, as the reference prints. The scale always reaches the parameter (the reference loses it
+      when the update's dtype differs from the parameter's, B6).
+    * ``adam_spectral_normalization=True``: the same on the auxiliary Adam (vectors: L-infinity), times
+      ``4/pi`` with ``adam_use_atan2`` as the reference; without the reference's ``1/(1 - beta1^t)``
+      (B13, as :func:`adamw_adv`).
+
     The auxiliary Adam (every other parameter, same ``lr``) is :func:`adamw_adv` on the ``adam_*``
     keywords; routing, group keys and the fixed bugs B4/B5 are in the module docstring.
-    ``adam_names`` (an adv_chain keyword) routes named embeddings and heads to Adam.
-    Not implemented yet (``NotImplementedError``): ``low_rank_ortho``, ``spectral_normalization``,
-    ``adam_spectral_normalization``. Papers: Muon (Jordan et al. 2024), NorMuon (arXiv 2510.05491),
-    MARS-M (arXiv 2510.21800), CANS, Adam (arXiv 1412.6980), Kourkoutas-beta (arXiv 2508.12996),
-    FAdam (arXiv 2405.12807).
+    ``adam_names`` (an adv_chain keyword) routes named embeddings and heads to Adam. Papers: Muon
+    (Jordan et al. 2024), NorMuon (arXiv 2510.05491), MARS-M (arXiv 2510.21800), CANS, low-rank
+    orthogonalization (arXiv 2509.11983), modular-norm scaling (arXiv 2405.14813), Adam (arXiv
+    1412.6980), Kourkoutas-beta (arXiv 2508.12996), FAdam (arXiv 2405.12807).
 
     >>> import torch, adv_chain as ac
     >>> c = ac.presets.muon_adv(weight_decay=0.01)
@@ -161,34 +217,26 @@ def muon_adv(beta1: float = 0.95, weight_decay: float = 0.0, cautious_wd: bool =
     (['muon_momentum', 'newton_schulz', 'muon_scale', 'weight_decay'], ('partition', 'apply'))
     >>> [t.name for t in c["partition"].routes["adam"]]
     ['adam', 'adam_eps_divide', 'adam_weight_decay']
+    >>> c = ac.presets.muon_adv(low_rank_ortho=True, ortho_rank=8, spectral_normalization=True, rms_rescaling=False)
+    >>> c["partition"].routes["muon"]["newton_schulz"], [t.name for t in c["partition"].routes["muon"]][2:]
+    (newton_schulz(rank=8), ['spectral', 'weight_decay'])
     """
     name = "muon_adv"
-    not_yet(name, low_rank_ortho=low_rank_ortho, spectral_normalization=spectral_normalization,
-            adam_spectral_normalization=adam_spectral_normalization)
-    if not isinstance(ortho_rank, int) or ortho_rank < 1:
-        raise ValueError(f"{name}: ortho_rank={ortho_rank!r} must be an int >= 1")
+    rank = _low_rank(name, low_rank_ortho, ortho_rank)
+    rms = checks.flag(name, "rms_rescaling", rms_rescaling)
     muon_route = chain(
         *_gradient(name, approx_mars, mars_gamma, beta1, orthogonal_gradient),
         stored(name, T.muon_momentum(beta=beta1, nesterov=checks.flag(name, "nesterov", nesterov),
                                      nesterov_coef=nesterov_coef),
                state_precision=state_precision, nnmf_factor=nnmf_factor, vector_reshape=vector_reshape, seed=seed),
-        _ns(ns_steps, ns_eps, ns_coeffs, accelerated_ns, cns_a_bound),
+        _ns(ns_steps, ns_eps, ns_coeffs, accelerated_ns, cns_a_bound, rank, seed),
         *((T.normuon(beta2_normuon, normuon_eps),) if checks.flag(name, "normuon_variant", normuon_variant) else ()),
-        T.muon_scale("rms" if checks.flag(name, "rms_rescaling", rms_rescaling) else "aspect"),
+        *_final_scale(name, spectral_normalization, rms, seed, T.muon_scale("rms" if rms else "aspect")),
         decay_stage(weight_decay, cautious_wd),
         *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),
     )
-    aux = aux_adam(name, adam_betas=adam_betas, adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
-                   adam_fisher_wd=adam_fisher_wd, adam_use_bias_correction=adam_use_bias_correction,
-                   adam_use_atan2=adam_use_atan2, adam_orthogonal_gradient=adam_orthogonal_gradient,
-                   adam_nesterov=adam_nesterov, adam_nesterov_coef=adam_nesterov_coef,
-                   adam_kourkoutas_beta=adam_kourkoutas_beta, adam_beta2_min=adam_beta2_min,
-                   adam_ema_alpha=adam_ema_alpha, adam_tiny_spike=adam_tiny_spike,
-                   adam_k_warmup_steps=adam_k_warmup_steps, adam_state_precision=adam_state_precision,
-                   adam_nnmf_factor=adam_nnmf_factor, adam_factored_2nd=adam_factored_2nd, cautious_wd=cautious_wd,
-                   centered_wd=centered_wd, centered_wd_mode=centered_wd_mode, vector_reshape=vector_reshape,
-                   seed=seed)
-    return _assemble(name, muon_route, aux, use_muon, adam_names, None, stochastic_rounding, seed)
+    return _assemble(name, muon_route, _aux_from(name, locals()), use_muon, adam_names, None, stochastic_rounding,
+                     seed)
 
 
 @register
@@ -223,20 +271,22 @@ def adamuon_adv(betas: tuple[float, float] = (0.95, 0.95), eps: float | None = 1
             (use_atan2: u = (4/pi) atan2(u, sqrt(v)); normuon_variant: normuon(betas[1], eps) instead)
         muon_scale("rms", 0.2, or 0.2 * 4/pi with atan2 | "aspect")  weight_decay [centered_wd]
 
-    The auxiliary Adam, routing and fixed bugs are as :func:`muon_adv` (module docstring). A
-    param-group ``"betas"`` is not read (it would set the second moment's beta1); override
-    ``"muon_momentum.beta"`` and ``"adamuon.betas"`` instead. Not implemented yet:
-    ``low_rank_ortho``, ``spectral_normalization``, ``adam_spectral_normalization``.
+    ``low_rank_ortho``/``ortho_rank``, ``spectral_normalization`` (replacing ``muon_scale``; the
+    reference passes it ``lr`` without atan2's ``4/pi``, so the atan2 runs with ``a=1`` there) and
+    ``adam_spectral_normalization`` are as :func:`muon_adv`, as are the auxiliary Adam, routing and
+    fixed bugs (module docstring). A param-group ``"betas"`` is not read (it would set the second
+    moment's beta1); override ``"muon_momentum.beta"`` and ``"adamuon.betas"`` instead.
 
     >>> import adv_chain as ac
     >>> [t.name for t in ac.presets.adamuon_adv()["partition"].routes["muon"]]
     ['muon_momentum', 'kappa_projection', 'newton_schulz', 'adamuon', 'eps_divide', 'muon_scale', 'weight_decay']
+    >>> c = ac.presets.adamuon_adv(use_atan2=True, spectral_normalization=True, rms_rescaling=False)
+    >>> [t for t in c["partition"].routes["muon"]][4:6]
+    [atan2_scale(a=1.0), spectral_normalization()]
     """
     name = "adamuon_adv"
-    not_yet(name, low_rank_ortho=low_rank_ortho, spectral_normalization=spectral_normalization,
-            adam_spectral_normalization=adam_spectral_normalization)
-    if not isinstance(ortho_rank, int) or ortho_rank < 1:
-        raise ValueError(f"{name}: ortho_rank={ortho_rank!r} must be an int >= 1")
+    rank = _low_rank(name, low_rank_ortho, ortho_rank)
+    spectral = checks.flag(name, "spectral_normalization", spectral_normalization)
     beta1, beta2 = checks.beta_pair(name, "betas", betas)
     atan2 = checks.flag(name, "use_atan2", use_atan2)
     rms = checks.flag(name, "rms_rescaling", rms_rescaling)
@@ -249,7 +299,7 @@ def adamuon_adv(betas: tuple[float, float] = (0.95, 0.95), eps: float | None = 1
         second = (stored(name, T.scale_by_adam(betas=(0.0, beta2), bias_correction=False, name="adamuon"),
                          state_precision=state_precision, nnmf_factor=nnmf_factor, factored_2nd=factored_2nd,
                          vector_reshape=vector_reshape, seed=seed),
-                  T.atan2_scale() if atan2 else T.eps_divide(eps))
+                  (T.atan2_scale(a=1.0) if spectral else T.atan2_scale()) if atan2 else T.eps_divide(eps))
     kappa = "auto" if checks.flag(name, "auto_projection", auto_projection) else kappa_p
     muon_route = chain(
         *_gradient(name, approx_mars, mars_gamma, beta1, orthogonal_gradient),
@@ -257,20 +307,12 @@ def adamuon_adv(betas: tuple[float, float] = (0.95, 0.95), eps: float | None = 1
                                      nesterov_coef=nesterov_coef),
                state_precision=state_precision, nnmf_factor=nnmf_factor, vector_reshape=vector_reshape, seed=seed),
         T.kappa_projection(kappa),
-        _ns(ns_steps, ns_eps, ns_coeffs, accelerated_ns, cns_a_bound),
+        _ns(ns_steps, ns_eps, ns_coeffs, accelerated_ns, cns_a_bound, rank, seed),
         *second,
-        T.muon_scale("rms", 0.2 * 4 / math.pi if atan2 else 0.2) if rms else T.muon_scale("aspect"),
+        *_final_scale(name, spectral, rms, seed,
+                      T.muon_scale("rms", 0.2 * 4 / math.pi if atan2 else 0.2) if rms else T.muon_scale("aspect")),
         decay_stage(weight_decay, cautious_wd),
         *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),
     )
-    aux = aux_adam(name, adam_betas=adam_betas, adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
-                   adam_fisher_wd=adam_fisher_wd, adam_use_bias_correction=adam_use_bias_correction,
-                   adam_use_atan2=adam_use_atan2, adam_orthogonal_gradient=adam_orthogonal_gradient,
-                   adam_nesterov=adam_nesterov, adam_nesterov_coef=adam_nesterov_coef,
-                   adam_kourkoutas_beta=adam_kourkoutas_beta, adam_beta2_min=adam_beta2_min,
-                   adam_ema_alpha=adam_ema_alpha, adam_tiny_spike=adam_tiny_spike,
-                   adam_k_warmup_steps=adam_k_warmup_steps, adam_state_precision=adam_state_precision,
-                   adam_nnmf_factor=adam_nnmf_factor, adam_factored_2nd=adam_factored_2nd, cautious_wd=cautious_wd,
-                   centered_wd=centered_wd, centered_wd_mode=centered_wd_mode, vector_reshape=vector_reshape,
-                   seed=seed)
-    return _assemble(name, muon_route, aux, use_muon, adam_names, {"betas": None}, stochastic_rounding, seed)
+    return _assemble(name, muon_route, _aux_from(name, locals()), use_muon, adam_names, {"betas": None},
+                     stochastic_rounding, seed)

@@ -12,6 +12,7 @@ from .normalize import atan2_scale, eps_divide, sign
 from .partition import partition
 from .optimi_family import lookahead, proximal_wd, scale_by_adan, scale_by_radam, stable_clip
 from .prodigy import prodigy
+from .constant import scale
 from .lion_prodigy import lion_prodigy
 from .spectral import spectral_normalization
 from .sign_family import (clip_by_tensor_norm, freeze_on_flip, l1_adaptive, lion_k, sign_momentum, sinkhorn,
@@ -31,7 +32,7 @@ __all__ = [
     # normalization, direction masks, scales
     "eps_divide", "atan2_scale", "sign", "stable_clip", "newton_schulz", "normuon", "kappa_projection", "lion_k",
     "stochastic_sign", "sinkhorn", "snr_condition", "cautious", "grams", "freeze_on_flip", "l1_adaptive", "muon_scale",
-    "spectral_normalization",
+    "spectral_normalization", "scale",
     # wrappers
     "lookahead", "factored_state", "low_precision_state", "partition",
 ]

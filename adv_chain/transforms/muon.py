@@ -28,8 +28,7 @@ the orthogonalization always runs on the weight's own matrix view, also when the
 factored (``ac.factored_state(ac.muon_momentum())``; B1: adv_optm's factored Muon never multiplies by
 lr and orthogonalizes an unrelated square-ish reshape); the direction is fp32 whatever the parameter's
 dtype, so a scale is never lost to a dtype mismatch (B6); 1-D and 0-d tensors are orthogonalized as
-``1 x n`` matrices (``u / ||u||``) instead of crashing (B7). Low-rank orthogonalization
-(``low_rank_ortho``) is not provided.
+``1 x n`` matrices (``u / ||u||``) instead of crashing (B7). ``low_rank_ortho``: ``newton_schulz(rank=r)``.
 """
 from __future__ import annotations
 
@@ -41,6 +40,8 @@ import torch
 from .._core import checks
 from .._core import foreach as F
 from .._core.transform import HParam, HostView, StateSpec, Transform
+from . import low_rank
+from .sign_family import key_halves
 
 #: Keller Jordan's quintic Newton-Schulz coefficients (adv_optm's ``ns_coeffs`` default)
 QUINTIC = (3.4445, -4.775, 2.0315)
@@ -175,9 +176,11 @@ def _cans_schedule(steps: int, lower: float) -> list[tuple[float, float]]:
 
 def orthogonalize(mats: list[torch.Tensor], *, steps: int = 5, coefficients: tuple[float, float, float] = QUINTIC,
                   eps: float | None = 1e-7, method: str = "quintic", cans_lower_bound: float | None = None,
-                  dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+                  dtype: torch.dtype = torch.bfloat16,
+                  sketches: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Newton-Schulz of every 2-D matrix in ``mats`` (new fp32 tensors, inputs untouched). Matrices
-    of one shape go through one batched chain of ``bmm``/``baddbmm``."""
+    of one shape go through one batched chain of ``bmm``/``baddbmm``. ``sketches`` (one ``(cols, r)``
+    Gaussian per matrix): low-rank orthogonalization (:func:`.low_rank.project_orthogonalize`)."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, x in enumerate(mats):
         groups.setdefault((int(x.shape[0]), int(x.shape[1])), []).append(i)
@@ -187,22 +190,29 @@ def orthogonalize(mats: list[torch.Tensor], *, steps: int = 5, coefficients: tup
             for i in idx:
                 out[i] = torch.zeros_like(mats[i], dtype=torch.float32)
             continue
-        x = torch.stack([mats[i] for i in idx]).to(dtype)
-        result = _newton_schulz_op(x, steps, list(coefficients), eps, method, cans_lower_bound).float()
+        # the floor and CANS's bound are the whole matrix's, also for a low-rank projection (as adv_optm)
+        floor = eps if eps is not None else 1.0 / math.sqrt(rows * cols)
+        lower = cans_lower_bound if cans_lower_bound is not None else max(
+            1.0 / math.sqrt(rows * cols), abs(1.0 / math.sqrt(cols) - 1.0 / math.sqrt(rows)))
+
+        def ns(y: torch.Tensor) -> torch.Tensor:
+            return _newton_schulz_op(y.to(dtype), steps, list(coefficients), floor, method, lower).float()
+
+        x = torch.stack([mats[i] for i in idx])
+        result = ns(x) if sketches is None else low_rank.project_orthogonalize(
+            x, torch.stack([sketches[i] for i in idx]), ns)
         for k, i in enumerate(idx):
             out[i] = result[k]
     return out
 
 
 def _newton_schulz_batch(x: torch.Tensor, steps: int, coefficients: tuple[float, float, float],
-                         eps: float | None, method: str, cans_lower_bound: float | None) -> torch.Tensor:
+                         eps: float, method: str, cans_lower_bound: float) -> torch.Tensor:
     """The iteration on a batch ``(B, rows, cols)`` in ``x.dtype``, in the wide orientation."""
-    rows, cols = x.shape[-2], x.shape[-1]
-    transposed = rows > cols
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = x.mT
-    floor = eps if eps is not None else 1.0 / math.sqrt(rows * cols)
-    x = (x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(floor)).contiguous()
+    x = (x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)).contiguous()
     if method == "quintic":
         a, b, c = coefficients
         for _ in range(steps):
@@ -210,18 +220,15 @@ def _newton_schulz_batch(x: torch.Tensor, steps: int, coefficients: tuple[float,
             s = torch.baddbmm(s, s, s, beta=b, alpha=c)   # b*S + c*S^2
             x = torch.baddbmm(x, s, x, beta=a)             # a*X + (b*S + c*S^2) X
     else:
-        m, n = rows, cols
-        lower = cans_lower_bound if cans_lower_bound is not None else max(
-            1.0 / math.sqrt(m * n), abs(1.0 / math.sqrt(n) - 1.0 / math.sqrt(m)))
-        for c1, c3 in _cans_schedule(steps, lower):
+        for c1, c3 in _cans_schedule(steps, cans_lower_bound):
             s = torch.bmm(x, x.mT)
             x = torch.baddbmm(x, s, x, beta=c1, alpha=c3)  # c1*X + c3*(X X^T) X
     return x.mT if transposed else x
 
 
 @torch.library.custom_op("adv_chain::newton_schulz", mutates_args=())
-def _newton_schulz_op(x: torch.Tensor, steps: int, coefficients: list[float], eps: float | None, method: str,
-                      cans_lower_bound: float | None) -> torch.Tensor:
+def _newton_schulz_op(x: torch.Tensor, steps: int, coefficients: list[float], eps: float, method: str,
+                      cans_lower_bound: float) -> torch.Tensor:
     """:func:`_newton_schulz_batch` as an opaque operator: under ``torch.compile`` it runs the same
     fused bf16 ``baddbmm`` kernels as eager mode (inductor would split them into a product and an
     add, two roundings, which the iteration amplifies: 3e-4 apart after one step), so compiled and
@@ -230,8 +237,8 @@ def _newton_schulz_op(x: torch.Tensor, steps: int, coefficients: list[float], ep
 
 
 @_newton_schulz_op.register_fake
-def _(x: torch.Tensor, steps: int, coefficients: list[float], eps: float | None, method: str,
-      cans_lower_bound: float | None) -> torch.Tensor:
+def _(x: torch.Tensor, steps: int, coefficients: list[float], eps: float, method: str,
+      cans_lower_bound: float) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -265,8 +272,13 @@ class NewtonSchulz(Transform):
     chain (``bmm``/``baddbmm``; bit-identical to one matrix at a time). Per-tensor scope.
     CANS: "Accelerating Newton-Schulz Iteration for Orthogonalization via Chebyshev-type Polynomials".
 
+    ``rank=r`` (default ``None``: full rank): low-rank orthogonalization (arXiv 2509.11983; adv_optm's
+    ``low_rank_ortho``/``ortho_rank``): ``Q = qr(G Omega).Q`` with a fresh Gaussian sketch ``Omega``
+    (``n x min(r, m, n)``, counter-based noise from ``seed``, the step and the parameter), then
+    ``Q NS(Q^T G)`` (:mod:`adv_chain.transforms.low_rank`); batched by shape too.
+
     Differs from adv_optm: 1-D and 0-d tensors are orthogonalized as ``1 x n`` matrices (giving
-    ``u / ||u||``) where adv_optm crashes (B7); there is no low-rank option.
+    ``u / ||u||``) where adv_optm crashes (B7); the sketch is not drawn from adv_optm's shared generator.
 
     >>> import torch, adv_chain as ac
     >>> from adv_chain.transforms.muon import orthogonalize
@@ -274,8 +286,8 @@ class NewtonSchulz(Transform):
     >>> s = torch.linalg.svdvals(o)
     >>> bool(s.min() > 0.6 and s.max() < 1.2)
     True
-    >>> ac.newton_schulz(steps=6, dtype="float32")
-    newton_schulz(steps=6, dtype='float32')
+    >>> ac.newton_schulz(steps=6, dtype="float32", rank=64)
+    newton_schulz(steps=6, dtype='float32', rank=64)
     """
 
     type_name = "newton_schulz"
@@ -284,11 +296,15 @@ class NewtonSchulz(Transform):
     scope = "tensor"
 
     def __init__(self, steps: int = 5, coefficients: tuple[float, float, float] = QUINTIC, eps: float | None = 1e-7,
-                 method: str = "quintic", cans_lower_bound: float | None = None, dtype: str = "bfloat16", *,
-                 name: str | None = None) -> None:
+                 method: str = "quintic", cans_lower_bound: float | None = None, dtype: str = "bfloat16",
+                 rank: int | None = None, seed: int = 0, *, name: str | None = None) -> None:
         owner = self.type_name
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"{owner}: steps={steps!r} must be an int >= 0")
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+            raise ValueError(f"{owner}: rank={rank!r} must be None (full rank) or a positive int >= 1")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"{owner}: seed={seed!r} must be an int >= 0")
         if eps is not None:
             eps = checks.positive(owner, "eps", eps)
         if cans_lower_bound is not None:
@@ -297,15 +313,21 @@ class NewtonSchulz(Transform):
         super().__init__(name=name, steps=steps, coefficients=_coefficients(owner, coefficients), eps=eps,
                          method=checks.choice(owner, "method", method, ("quintic", "cans")),
                          cans_lower_bound=cans_lower_bound,
-                         dtype=checks.choice(owner, "dtype", dtype, tuple(_DTYPES)))
+                         dtype=checks.choice(owner, "dtype", dtype, tuple(_DTYPES)), rank=rank, seed=seed)
 
-    def _orthogonalize(self, mats: list[torch.Tensor]) -> list[torch.Tensor]:
+    def host_scalars(self, h: HostView) -> dict[str, Any]:
+        return {} if h.hp["rank"] is None else key_halves(h.hp["seed"], h.step, low_rank.SKETCH_SALT)
+
+    def _orthogonalize(self, mats: list[torch.Tensor],
+                       sketches: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         a = self.args
         return orthogonalize(mats, steps=a["steps"], coefficients=a["coefficients"], eps=a["eps"],
-                             method=a["method"], cans_lower_bound=a["cans_lower_bound"], dtype=_DTYPES[a["dtype"]])
+                             method=a["method"], cans_lower_bound=a["cans_lower_bound"], dtype=_DTYPES[a["dtype"]],
+                             sketches=sketches)
 
     def update(self, b: Any) -> None:
-        out = self._orthogonalize([matrix_view(x) for x in b.u])
+        mats, rank = [matrix_view(x) for x in b.u], self.args["rank"]
+        out = self._orthogonalize(mats, None if rank is None else low_rank.sketches(b, mats, rank))
         b.set_u([o.view(x.shape) for o, x in zip(out, b.u)])
 
 
@@ -408,9 +430,8 @@ class MuonScale(Transform):
     The terminal multiplies by ``lr`` afterwards. A 1-D tensor is one row (``aspect`` scale 1).
     ``aspect`` uses the matrix view also for tensors of 3 or more dims (as Muon_adv; AdaMuon_adv takes
     the last two dims of the raw shape there, e.g. ``kh/kw`` of a conv kernel - an oversight not kept).
-    Differs from adv_optm: the scale always reaches the parameter, whatever its dtype and the
-    state's (B6: adv_optm's Muon drops its spectral scale when they differ, and its factored Muon
-    drops lr and this scale altogether, B1).
+    Differs from adv_optm: the scale always reaches the parameter, whatever the dtypes (B1, B6; see
+    the module docstring).
 
     >>> import adv_chain as ac
     >>> ac.muon_scale("aspect")
