@@ -29,7 +29,7 @@ def ids(section: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict]]:
-    return H.spawn(W.suite, PLAN, str(tmp_path_factory.mktemp("dcp")), timeout=170)
+    return H.spawn(W.suite, PLAN, str(tmp_path_factory.mktemp("dcp")), timeout=480)  # a hang guard: ~110 s idle
 
 
 def outcome(results: list[dict[str, dict]], section: str, cid: str) -> list:
