@@ -547,3 +547,30 @@ def test_the_direction_points_into_the_rebuilt_state_without_a_copy(small_slices
         Bucket.divide_u_by_denom_ = original
     num, den, scale = seen["lazy"]
     assert den is None and [x.shape for x in num] == seen["shapes"]
+
+
+@pytest.mark.parametrize("kw", [dict(nnmf_factor=True, cautious_mask=True),
+                                dict(state_precision="int8_sr", orthogonal_gradient="flattened", weight_decay=0.1),
+                                dict(state_precision="bf16_sr", cautious_wd=True, weight_decay=0.1, centered_wd=0.1),
+                                dict(nnmf_factor=True, kourkoutas_beta=True, use_atan2=True)])
+def test_rest_of_segment_per_chunk_equals_whole_tensors(kw, monkeypatch):
+    """A state wrapper runs the elementwise rest of its segment (eps_divide, masks, decay, the
+    terminal) on each chunk it decompresses; with that switched off the same transforms run once on
+    whole tensors after the wrapper. Both give the same parameters (to the rounding of where the
+    pending division is folded), with tensors big enough to be cut into several chunks."""
+    from adv_chain.transforms.state_compression import _StateWrapper
+
+    def run(per_chunk: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(_StateWrapper, "runs_rest", per_chunk)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(300, 700), (1000,), (64, 3, 3, 3), (5,)]]
+        opt = ac.optim.AdamW_adv(params, lr=1e-2, **kw)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
