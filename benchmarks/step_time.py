@@ -158,6 +158,10 @@ PEER_PAIRS = [
      _peer("prodigyopt", "Prodigy", lr=1.0, weight_decay=WEIGHT_DECAY)),
     ("Prodigy vs prodigyopt", _ours("Prodigy", lr=1.0, weight_decay=WEIGHT_DECAY),
      _peer("prodigyopt", "Prodigy", lr=1.0, weight_decay=WEIGHT_DECAY)),
+    ("Prodigy_adv, nonfinite='off', vs adv_optm", _ours("Prodigy_adv", "off", lr=1.0, weight_decay=WEIGHT_DECAY),
+     _peer("adv_optm", "Prodigy_adv", lr=1.0, weight_decay=WEIGHT_DECAY)),
+    ("Prodigy_adv vs adv_optm", _ours("Prodigy_adv", lr=1.0, weight_decay=WEIGHT_DECAY),
+     _peer("adv_optm", "Prodigy_adv", lr=1.0, weight_decay=WEIGHT_DECAY)),
 ]
 
 

@@ -204,7 +204,9 @@ class Bucket:
             coef = coef if isinstance(coef, list) else [coef] * n
             self.decay_coef = [a + c for a, c in zip(mine, coef)]
         else:
-            self.decay_coef = mine + coef
+            total = mine + coef
+            self.decay_coef = F.ExactDecay(total) if isinstance(mine, F.ExactDecay) or isinstance(
+                coef, F.ExactDecay) else total
 
 
     # -- wrappers ----------------------------------------------------------------------------------

@@ -17,6 +17,18 @@ def is_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
 
 
+def host_number(x: Any) -> Any:
+    """A 0-d tensor in CPU memory as a Python number (eager mode only), else ``x`` unchanged.
+
+    Reading a CPU tensor is no device synchronization (host and "device" share the memory), and
+    a Python number lets a multi-tensor op take its fused scalar path instead of a per-tensor
+    broadcast. Accelerator tensors, and every tensor while ``torch.compile`` traces, stay tensors."""
+    if (isinstance(x, torch.Tensor) and x.dim() == 0 and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        return x.tolist()
+    return x
+
+
 def is_zero(x: Any) -> bool:
     """True only for a host scalar equal to 0 (a tensor scalar is never treated as a known zero)."""
     return not is_tensor(x) and x == 0
@@ -24,6 +36,23 @@ def is_zero(x: Any) -> bool:
 
 def is_one(x: Any) -> bool:
     return not is_tensor(x) and x == 1
+
+
+class ExactDecay(float):
+    """A decay coefficient ``c`` that the terminal applies as ``p += (-c) * p`` instead of
+    ``p *= 1 - c``: in fp32 ``1 - c`` rounds to 1 for ``c < 6e-8`` (Prodigy's ``wd * d * lr`` is often
+    that small), while ``(-c) * p`` keeps it; one in-place pass, as prodigyopt's
+    ``p.add_(p, alpha=-c)``. A sum with it stays exact (:meth:`Bucket.add_decay_coef`)."""
+
+    __slots__ = ()
+
+
+def decay_(xs: Tensors, coef: Any) -> None:
+    """``xs *= 1 - coef`` in place (an :class:`ExactDecay` as ``xs += (-coef) * xs``)."""
+    if isinstance(coef, ExactDecay):
+        torch._foreach_add_(xs, xs, alpha=-float(coef))
+    else:
+        torch._foreach_mul_(xs, one_minus(coef))
 
 
 def one_minus(coef: Any) -> Any:

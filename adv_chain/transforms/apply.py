@@ -20,7 +20,7 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 def _apply_fp32_(p32: list[torch.Tensor], b: Any, neg_lr: Any) -> None:
     """In place on fp32 tensors: p32 = p32 * (1 - decay_coef) - decay - lr * u."""
     if not F.is_zero(b.decay_coef):
-        torch._foreach_mul_(p32, F.one_minus(b.decay_coef))
+        F.decay_(p32, b.decay_coef)
     if b.decay is not None:
         torch._foreach_sub_(p32, b.decay)
     lazy = b.lazy_u

@@ -73,7 +73,10 @@ class WeightDecay(Transform):
         if isinstance(scale, (list, tuple)):  # per element (Fisher) or per tensor: coef * s * p
             term = torch._foreach_mul(_fp32(b.params), scale)
             torch._foreach_mul_(term, coef)
-        else:  # one factor for every tensor (Prodigy's d): (coef * s) * p, one pass
+        elif not F.is_tensor(scale) and not F.is_tensor(coef):  # a host number (Prodigy's d on the CPU)
+            b.add_decay_coef(F.ExactDecay(coef * scale))  # p += (-c) p in the terminal: no term to write
+            return
+        else:  # one factor for every tensor (Prodigy's d on a device): (coef * s) * p, one pass
             term = torch._foreach_mul(_fp32(b.params), coef * scale)
         b.add_decay(term)
 
@@ -272,7 +275,8 @@ class CenteredWeightDecay(Transform):
             return
         p32 = _fp32(b.params)
         if not F.is_zero(b.decay_coef):  # p' = p * (1 - decay_coef) - decay
-            p32 = torch._foreach_mul(p32, F.one_minus(b.decay_coef))
+            p32 = [x.clone() for x in p32]
+            F.decay_(p32, b.decay_coef)
         if b.decay is not None:
             p32 = torch._foreach_sub(p32, b.decay)
         dist = torch._foreach_sub(p32, self._anchors(b))

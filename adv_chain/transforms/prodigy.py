@@ -242,8 +242,10 @@ class Prodigy(Transform):
         dlr = d * h.lr * bc if not isinstance(h.lr, torch.Tensor) else d * h.lr.to(d) * bc
         ratio = d / hp["d0"]
         c = b1 if hp["nesterov_coef"] is None else hp["nesterov_coef"]
-        return {"d": d, "d_bc": d_bc, "num_coef": ratio * dlr, "s_coef": ratio * (d if hp["safeguard_warmup"] else dlr),
-                "m_coef": d * (1.0 - b1), "v_coef": d * d * (1.0 - b2), "dd": d * d, "nesterov_g": d * (1.0 - c)}
+        out = {"d": d, "d_bc": d_bc, "num_coef": ratio * dlr, "s_coef": ratio * (d if hp["safeguard_warmup"] else dlr),
+               "m_coef": d * (1.0 - b1), "v_coef": d * d * (1.0 - b2), "dd": d * d, "nesterov_g": d * (1.0 - c)}
+        # on the CPU the coefficients become Python numbers (no sync there): fused scalar ops, as prodigyopt
+        return {k: F.host_number(v) for k, v in out.items()}
 
     # -- the reduction -----------------------------------------------------------------------------
     def reduce(self, b: Any) -> list[torch.Tensor]:
@@ -316,7 +318,7 @@ class Prodigy(Transform):
             torch._foreach_mul_(v, beta2)
             dd = b.s("dd")
             torch._foreach_addcmul_(v, torch._foreach_mul(g, [dd * (1.0 - x) for x in beta2]), g)
-        d_step = b.s("d_next") if self.args["step_d"] == "next" else b.s("d")
+        d_step = F.host_number(b.s("d_next")) if self.args["step_d"] == "next" else b.s("d")
         if b.s("nesterov"):  # c*m + (1-c)*d*g  (adv_optm's B2 mixes the raw g)
             n = torch._foreach_mul(m, b.s("nesterov_c"))
             _add_scaled_(n, g, b.s("nesterov_g"))
@@ -326,7 +328,7 @@ class Prodigy(Transform):
             n = None  # u = d' * g: the scale takes d' (prodigyopt's addcdiv(g, denom, -dlr * d'))
         denom = torch._foreach_sqrt(v)
         # frozen d (prodigy_steps): the finalize saw no sums, yet the step moves with the kept d
-        scale = b.s("d_bc") * b.s("active") if b.s("adapting") else b.s("d_bc")
+        scale = b.s("d_bc") * F.host_number(b.s("active")) if b.s("adapting") else b.s("d_bc")
         if b.s("use_atan2"):
             if n is None:
                 n = torch._foreach_mul(g, d_step)
