@@ -205,8 +205,8 @@ class Bucket:
             self.decay_coef = [a + c for a, c in zip(mine, coef)]
         else:
             total = mine + coef
-            self.decay_coef = F.ExactDecay(total) if isinstance(mine, F.ExactDecay) or isinstance(
-                coef, F.ExactDecay) else total
+            self.decay_coef = F.AdditiveDecay(total) if isinstance(mine, F.AdditiveDecay) or isinstance(
+                coef, F.AdditiveDecay) else total
 
 
     # -- wrappers ----------------------------------------------------------------------------------

@@ -38,18 +38,17 @@ def is_one(x: Any) -> bool:
     return not is_tensor(x) and x == 1
 
 
-class ExactDecay(float):
-    """A decay coefficient ``c`` that the terminal applies as ``p += (-c) * p`` instead of
-    ``p *= 1 - c``: in fp32 ``1 - c`` rounds to 1 for ``c < 6e-8`` (Prodigy's ``wd * d * lr`` is often
-    that small), while ``(-c) * p`` keeps it; one in-place pass, as prodigyopt's
-    ``p.add_(p, alpha=-c)``. A sum with it stays exact (:meth:`Bucket.add_decay_coef`)."""
+class AdditiveDecay(float):
+    """A decay coefficient ``c`` that the terminal applies additively, ``p += (-c) * p`` (one in-place
+    pass, the rounding of prodigyopt's ``p.add_(p, alpha=-c)``), instead of ``p *= 1 - c`` (torch's
+    AdamW rounding). A sum with one stays additive (:meth:`Bucket.add_decay_coef`)."""
 
     __slots__ = ()
 
 
 def decay_(xs: Tensors, coef: Any) -> None:
-    """``xs *= 1 - coef`` in place (an :class:`ExactDecay` as ``xs += (-coef) * xs``)."""
-    if isinstance(coef, ExactDecay):
+    """``xs *= 1 - coef`` in place (an :class:`AdditiveDecay` as ``xs += (-coef) * xs``)."""
+    if isinstance(coef, AdditiveDecay):
         torch._foreach_add_(xs, xs, alpha=-float(coef))
     else:
         torch._foreach_mul_(xs, one_minus(coef))

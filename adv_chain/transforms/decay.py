@@ -74,7 +74,7 @@ class WeightDecay(Transform):
             term = torch._foreach_mul(_fp32(b.params), scale)
             torch._foreach_mul_(term, coef)
         elif not F.is_tensor(scale) and not F.is_tensor(coef):  # a host number (Prodigy's d on the CPU)
-            b.add_decay_coef(F.ExactDecay(coef * scale))  # p += (-c) p in the terminal: no term to write
+            b.add_decay_coef(F.AdditiveDecay(coef * scale))  # p += (-c) p in the terminal: no term written
             return
         else:  # one factor for every tensor (Prodigy's d on a device): (coef * s) * p, one pass
             term = torch._foreach_mul(_fp32(b.params), coef * scale)

@@ -349,8 +349,8 @@ class Prodigy(Transform):
             b.divide_u_(denom)
         if self.args["publish_denom"]:  # read (not changed) by fisher_wd
             b.publish_denom(denom)
-        # decay by d*lr*wd: as the decay transforms' multiplier (an explicit term p - c*p; the
-        # coefficient path p * (1 - c) would round 1 - c to fp32 and lose most of a tiny c = wd*d*lr)
+        # decay by d*lr*wd: the decay transforms' multiplier, applied as p - c*p (prodigyopt's rounding:
+        # an additive coefficient when it is a host number, else an explicit term), not as p * (1 - c)
         b.signals[self.args["decay_signal"]] = scale
 
 
