@@ -54,6 +54,13 @@ def decay_(xs: Tensors, coef: Any) -> None:
         torch._foreach_mul_(xs, one_minus(coef))
 
 
+def decayed(xs: Tensors, coef: Any) -> Tensors:
+    """``xs * (1 - coef)`` as new tensors, rounded as :func:`decay_`."""
+    if isinstance(coef, AdditiveDecay):
+        return torch._foreach_add(xs, xs, alpha=-float(coef))
+    return torch._foreach_mul(xs, one_minus(coef))
+
+
 def one_minus(coef: Any) -> Any:
     """``1 - coef`` for a decay coefficient: a number, a 0-d tensor, or a per-tensor list of either."""
     if isinstance(coef, list):

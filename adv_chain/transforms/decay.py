@@ -275,8 +275,7 @@ class CenteredWeightDecay(Transform):
             return
         p32 = _fp32(b.params)
         if not F.is_zero(b.decay_coef):  # p' = p * (1 - decay_coef) - decay
-            p32 = [x.clone() for x in p32]
-            F.decay_(p32, b.decay_coef)
+            p32 = F.decayed(p32, b.decay_coef)
         if b.decay is not None:
             p32 = torch._foreach_sub(p32, b.decay)
         dist = torch._foreach_sub(p32, self._anchors(b))

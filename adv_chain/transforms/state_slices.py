@@ -171,7 +171,7 @@ def run_sliced(wrapper: Any, b: Any, codecs: dict[str, Any], passing: dict[str, 
     full: dict[tuple[str, int], torch.Tensor] = {}
     pool = scratch()  # a key's chunk buffer is reused while nothing points into it
     spare: dict[str, torch.Tensor] = {}
-    join = b.joiner()
+    join = None if applied else b.joiner()
     start = 0
     while start < len(jobs):
         stop, total = start + 1, jobs[start][2]
@@ -230,12 +230,12 @@ def run_sliced(wrapper: Any, b: Any, codecs: dict[str, Any], passing: dict[str, 
                     full.pop((key, i), None)
         temps.clear()  # this chunk's dense state goes (the direction keeps what it points into)
         spare.clear()
-        if not applied:
+        if join is not None:
             join.add(sub)
         start = stop
     for codec in codecs.values():
         codec.settle()
-    if not applied:
+    if join is not None:
         join.finish()
 
 
