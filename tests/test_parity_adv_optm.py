@@ -121,13 +121,6 @@ def test_preset_lookup_ignores_case_and_aliases_exist():
     assert ac.optim.Adam_Adv is ac.optim.AdamW_adv
 
 
-@pytest.mark.parametrize("flag", [{"layer_key_fn": lambda p: 0}])
-def test_features_not_yet_in_adv_chain_are_refused_by_name(flag):
-    (name, value), = flag.items()
-    with pytest.raises(NotImplementedError, match=name):
-        ac.optim.AdamW_adv([torch.nn.Parameter(torch.zeros(2))], **flag)
-
-
 def test_legacy_bool_orthogonal_gradient_works():
     assert ac.presets.adamw_adv(orthogonal_gradient=True) == ac.presets.adamw_adv(orthogonal_gradient="flattened")
     assert "orthograd" not in ac.presets.adamw_adv(orthogonal_gradient=False).names

@@ -16,9 +16,9 @@ class AdamW_adv(_DropIn):  # noqa: N801 - the reference's class name
     """adv_optm's ``AdamW_adv`` as a chain (preset ``adamw_adv``): every keyword of 2.5.16 and the
     legacy 2.2.3 ones (``cautious_mask``, ``grams_moment``, ``use_AdEMAMix``, ``beta3_ema``, ``alpha``,
     bool ``orthogonal_gradient``); ``compiled_optimizer=True`` means ``compile=True``.
-    ``layer_key_fn`` (a custom Kourkoutas-beta bucketing function) is not implemented yet: any value
-    other than ``None`` raises ``NotImplementedError`` (``kourkoutas_beta`` itself works, with
-    adv_optm's shape buckets)."""
+    With ``kourkoutas_beta=True``, parameters of the same shape share a Kourkoutas-beta layer
+    (adv_optm's buckets), or those for which ``layer_key_fn(param)`` is equal (LoRA/OFT/DoRA-tagged
+    parameters stay layers of their own)."""
 
     foreign_checkpoints = ("adv_optm",)
 
@@ -34,13 +34,13 @@ class AdamW_adv(_DropIn):  # noqa: N801 - the reference's class name
                  compiled_optimizer: bool = False, cautious_mask: bool = False, grams_moment: bool = False,
                  use_AdEMAMix: bool = False, beta3_ema: float = 0.9999, alpha: float = 5.0, *,  # noqa: N803
                  compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32", seed: int = 0) -> None:
-        presets.adv.not_yet("AdamW_adv", layer_key_fn=layer_key_fn)
         chain = presets.adamw_adv(
             betas=betas, eps=eps, weight_decay=weight_decay, fisher_wd=fisher_wd, cautious_wd=cautious_wd,
             use_bias_correction=use_bias_correction, stochastic_rounding=stochastic_rounding, use_atan2=use_atan2,
             orthogonal_gradient=orthogonal_gradient, nesterov=nesterov, nesterov_coef=nesterov_coef,
             normed_momentum=normed_momentum, kourkoutas_beta=kourkoutas_beta, beta2_min=beta2_min,
             ema_alpha=ema_alpha, tiny_spike=tiny_spike, k_warmup_steps=k_warmup_steps, k_logging=k_logging,
+            layer_key_fn=layer_key_fn,
             spectral_normalization=spectral_normalization, centered_wd=centered_wd,
             centered_wd_mode=centered_wd_mode, state_precision=state_precision, factored_2nd=factored_2nd,
             nnmf_factor=nnmf_factor, vector_reshape=vector_reshape, cautious_mask=cautious_mask,
@@ -108,13 +108,14 @@ class Adopt_adv(_DropIn):  # noqa: N801 - the reference's class name
                  grams_moment: bool = False, use_AdEMAMix: bool = False, beta3_ema: float = 0.9999, alpha: float = 5.0,
                  Simplified_AdEMAMix: bool = False, alpha_grad: float = 100.0, *,  # noqa: N803
                  compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32", seed: int = 0) -> None:
-        presets.adv.not_yet("Adopt_adv", layer_key_fn=layer_key_fn)
         chain = presets.adopt_adv(
             betas=betas, eps=eps, weight_decay=weight_decay, fisher_wd=fisher_wd, cautious_wd=cautious_wd,
             clip_exponent=_clip_exponent(clip_lambda), use_atan2=use_atan2, stochastic_rounding=stochastic_rounding,
             orthogonal_gradient=orthogonal_gradient, nesterov=nesterov, nesterov_coef=nesterov_coef,
             kourkoutas_beta=kourkoutas_beta, beta2_min=beta2_min, ema_alpha=ema_alpha, tiny_spike=tiny_spike,
-            k_warmup_steps=k_warmup_steps, k_logging=k_logging, spectral_normalization=spectral_normalization,
+            k_warmup_steps=k_warmup_steps, k_logging=k_logging,
+            layer_key_fn=layer_key_fn,
+            spectral_normalization=spectral_normalization,
             centered_wd=centered_wd, centered_wd_mode=centered_wd_mode, state_precision=state_precision,
             factored_2nd=factored_2nd, nnmf_factor=nnmf_factor, vector_reshape=vector_reshape,
             cautious_mask=cautious_mask, grams_moment=grams_moment, use_AdEMAMix=use_AdEMAMix, beta3_ema=beta3_ema,
@@ -135,13 +136,13 @@ class Simplified_AdEMAMix(_DropIn):  # noqa: N801 - the reference's class name
                  k_logging: int = 0, layer_key_fn: Any = None, nnmf_factor: bool = False,
                  vector_reshape: bool = False, compiled_optimizer: bool = False, *,
                  compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32", seed: int = 0) -> None:
-        presets.adv.not_yet("Simplified_AdEMAMix", layer_key_fn=layer_key_fn)
         chain = presets.simplified_ademamix(
             betas=betas, eps=eps, weight_decay=weight_decay, cautious_wd=cautious_wd, alpha_grad=alpha_grad,
             beta1_warmup=beta1_warmup, min_beta1=min_beta1, use_bias_correction=use_bias_correction,
             stochastic_rounding=stochastic_rounding, orthogonal_gradient=orthogonal_gradient,
             kourkoutas_beta=kourkoutas_beta, beta2_min=beta2_min, ema_alpha=ema_alpha, tiny_spike=tiny_spike,
-            k_warmup_steps=k_warmup_steps, k_logging=k_logging, nnmf_factor=nnmf_factor,
+            k_warmup_steps=k_warmup_steps, k_logging=k_logging, layer_key_fn=layer_key_fn,
+            nnmf_factor=nnmf_factor,
             vector_reshape=vector_reshape, seed=seed)
         super().__init__(params, chain, lr, compile or compiled_optimizer, state_dtype)
 

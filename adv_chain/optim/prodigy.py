@@ -56,7 +56,7 @@ def _prodigy_groups(opt: ChainOptimizer) -> None:
 class Prodigy_adv(_DropIn):  # noqa: N801 - the reference's class name
     """adv_optm 2.5.16's ``Prodigy_adv`` as a chain (preset ``prodigy_adv``): its keywords and defaults
     (``lr=1``, ``slice_p=11``); ``compiled_optimizer=True`` means ``compile=True``. Its ``nesterov``
-    bug B2 is fixed. ``kourkoutas_beta`` buckets layers by shape, uses the previous step's gradient
+    bug B2 is fixed. ``kourkoutas_beta`` buckets layers by shape (or by ``layer_key_fn(param)``), uses the previous step's gradient
     norms and ramps ``beta2`` from ``betas[1]`` over ``k_warmup_steps``, as adv_optm; ``centered_wd``
     anchors the weights of a parameter's first step (adv_optm creates Prodigy's state lazily too).
     Keywords of features adv_chain lacks raise ``NotImplementedError`` (see the preset)."""
@@ -76,7 +76,6 @@ class Prodigy_adv(_DropIn):  # noqa: N801 - the reference's class name
                  k_logging: int = 0, layer_key_fn: Any = None, centered_wd: float = 0.0,
                  centered_wd_mode: str = "float8", spectral_normalization: bool = False, *,
                  compile: "bool | Mapping[str, Any]" = False, state_dtype: str = "fp32", seed: int = 0) -> None:
-        presets.adv.not_yet("Prodigy_adv", layer_key_fn=layer_key_fn)
         chain = presets.prodigy_adv(
             betas=betas, eps=eps, weight_decay=weight_decay, fisher_wd=fisher_wd, cautious_wd=cautious_wd,
             stochastic_rounding=stochastic_rounding, use_atan2=use_atan2, orthogonal_gradient=orthogonal_gradient,
@@ -85,7 +84,8 @@ class Prodigy_adv(_DropIn):  # noqa: N801 - the reference's class name
             d_coef=d_coef, growth_rate=growth_rate, safeguard_warmup=safeguard_warmup, fsdp_in_use=fsdp_in_use,
             slice_p=slice_p, prodigy_steps=prodigy_steps, d_limiter=d_limiter, kourkoutas_beta=kourkoutas_beta,
             beta2_min=beta2_min, ema_alpha=ema_alpha, tiny_spike=tiny_spike, k_warmup_steps=k_warmup_steps,
-            k_logging=k_logging, centered_wd=centered_wd, centered_wd_mode=centered_wd_mode,
+            k_logging=k_logging, layer_key_fn=layer_key_fn, centered_wd=centered_wd,
+            centered_wd_mode=centered_wd_mode,
             spectral_normalization=spectral_normalization, seed=seed)
         super().__init__(params, chain, lr, compile or compiled_optimizer, state_dtype)
         _prodigy_groups(self)

@@ -57,13 +57,19 @@ def direction_mask(preset: str, cautious_mask: bool, grams_moment: bool) -> tupl
 
 
 def kourkoutas_stage(preset: str, enabled: bool, betas: Any, beta2_min: float, ema_alpha: float, tiny_spike: float,
-                     warmup: int) -> tuple[Transform, ...]:
-    """adv_optm's ``kourkoutas_beta``: shape-shared layers, previous step's norms, a warm-up that
-    ramps from beta2_max (its deviations from the paper, see :func:`kourkoutas_beta`)."""
+                     warmup: int, layer_key_fn: Any = None) -> tuple[Transform, ...]:
+    """adv_optm's ``kourkoutas_beta``: shape-shared layers (or the layers of ``layer_key_fn``),
+    previous step's norms, a warm-up that ramps from beta2_max (its deviations from the paper, see
+    :func:`kourkoutas_beta`)."""
     if not checks.flag(preset, "kourkoutas_beta", enabled):
         return ()
+    if layer_key_fn is not None and not callable(layer_key_fn) and not (
+            isinstance(layer_key_fn, str) and ":" in layer_key_fn):
+        raise ValueError(f"{preset}: layer_key_fn={layer_key_fn!r} must be None, a function param -> hashable key "
+                         "(parameters with equal keys share one Kourkoutas-beta layer) or a 'module:function' string")
     return (T.kourkoutas_beta(beta2_min=beta2_min, beta2_max=betas[1], ema_alpha=ema_alpha, tiny_spike=tiny_spike,
-                              warmup=warmup, warmup_mode="ramp", layer_key="shape", lag=True),)
+                              warmup=warmup, warmup_mode="ramp", lag=True,
+                              layer_key="shape" if layer_key_fn is None else layer_key_fn),)
 
 
 def _normed_mode(preset: str, normed_momentum: bool, use_atan2: bool, use_ademamix: bool) -> str | None:
@@ -112,7 +118,7 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
               stochastic_rounding: bool = True, use_atan2: bool = False, orthogonal_gradient: Any = "disabled",
               nesterov: bool = False, nesterov_coef: float | None = None, normed_momentum: bool = False,
               kourkoutas_beta: bool = False, beta2_min: float = 0.9, ema_alpha: float = 0.95,
-              tiny_spike: float = 1e-9, k_warmup_steps: int = 0, k_logging: int = 0,
+              tiny_spike: float = 1e-9, k_warmup_steps: int = 0, k_logging: int = 0, layer_key_fn: Any = None,
               spectral_normalization: bool = False, centered_wd: float = 0.0, centered_wd_mode: str = "float8",
               state_precision: str = "auto", factored_2nd: bool = False, nnmf_factor: bool = False,
               vector_reshape: bool = False, cautious_mask: bool = False, grams_moment: bool = False,
@@ -160,7 +166,8 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
                                   "yet (normed momentum publishes no denominator); leave one of them off")
     return chain(
         *gradient_stage(name, orthogonal_gradient),
-        *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps),
+        *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps,
+                         layer_key_fn),
         stored(name, T.scale_by_adam(betas=betas,
                                      bias_correction=checks.flag(name, "use_bias_correction", use_bias_correction),
                                      nesterov=checks.flag(name, "nesterov", nesterov), nesterov_coef=nesterov_coef,
@@ -223,7 +230,8 @@ def adopt_adv(betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6, wei
               use_atan2: bool = False, stochastic_rounding: bool = True, orthogonal_gradient: Any = "disabled",
               nesterov: bool = False, nesterov_coef: float | None = None, kourkoutas_beta: bool = False,
               beta2_min: float = 0.9, ema_alpha: float = 0.95, tiny_spike: float = 1e-9, k_warmup_steps: int = 0,
-              k_logging: int = 0, spectral_normalization: bool = False, centered_wd: float = 0.0,
+              k_logging: int = 0, layer_key_fn: Any = None, spectral_normalization: bool = False,
+              centered_wd: float = 0.0,
               centered_wd_mode: str = "float8", state_precision: str = "auto", factored_2nd: bool = False,
               nnmf_factor: bool = False, vector_reshape: bool = False, cautious_mask: bool = False,
               grams_moment: bool = False, use_AdEMAMix: bool = False, beta3_ema: float = 0.9999, alpha: float = 5.0,
@@ -247,7 +255,8 @@ def adopt_adv(betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6, wei
     spectral = spectral_stage(name, spectral_normalization, seed)
     return chain(
         *gradient_stage(name, orthogonal_gradient),
-        *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps),
+        *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps,
+                         layer_key_fn),
         stored(name, T.scale_by_adopt(betas=betas, eps=eps, clip_exponent=clip_exponent, clip_step_offset=-1,
                                       use_atan2=use_atan2, skip_first=not (use_atan2 or spectral),
                                       nesterov=checks.flag(name, "nesterov", nesterov), nesterov_coef=nesterov_coef,
@@ -269,25 +278,29 @@ def simplified_ademamix(betas: tuple[float, float] = (0.99, 0.999), eps: float =
                         min_beta1: float = 0.9, use_bias_correction: bool = True, stochastic_rounding: bool = True,
                         orthogonal_gradient: Any = False, kourkoutas_beta: bool = False, beta2_min: float = 0.9,
                         ema_alpha: float = 0.95, tiny_spike: float = 1e-9, k_warmup_steps: int = 0,
-                        k_logging: int = 0, nnmf_factor: bool = False, vector_reshape: bool = False,
+                        k_logging: int = 0, layer_key_fn: Any = None, nnmf_factor: bool = False,
+                        vector_reshape: bool = False,
                         seed: int = 0) -> Chain:
     """adv_optm 2.2.3's ``Simplified_AdEMAMix`` (arXiv 2502.02431 as the reference implements it):
     :func:`scale_by_adam` with ``beta1 = 0`` for the second moment, :func:`simplified_accumulator`
     with ``reference_scaling=True`` (the reference's extra ``1/(sum beta1^k + alpha_grad)`` and
     ``1/sqrt(S1)`` factors; weight decay shrinks with the first), then ``eps_divide``.
+    ``kourkoutas_beta=True`` drives the second moment's beta2 per layer as in :func:`adamw_adv`
+    (bias correction ``S2`` keeps the static ``betas[1]``, as the reference's).
 
     >>> import adv_chain as ac
     >>> ac.presets.simplified_ademamix().names
     ('adam', 'simplified_accumulator', 'eps_divide', 'weight_decay', 'apply')
     """
     name = "simplified_ademamix"
-    not_yet(name, kourkoutas_beta=kourkoutas_beta)
     beta1, beta2 = checks.beta_pair(name, "betas", betas)
     if beta1 == 0:
         raise ValueError(f"{name}: betas[0]=0 leaves no accumulator; Simplified AdEMAMix needs beta1 in (0, 1)")
     correct = checks.flag(name, "use_bias_correction", use_bias_correction)
     return chain(
         *gradient_stage(name, orthogonal_gradient),
+        *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps,
+                          layer_key_fn),
         stored(name, T.scale_by_adam(betas=(0.0, beta2), bias_correction=correct), nnmf_factor=nnmf_factor,
                vector_reshape=vector_reshape),
         stored(name, T.simplified_accumulator(beta1=beta1, alpha_grad=alpha_grad, beta1_warmup=beta1_warmup,

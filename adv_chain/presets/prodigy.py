@@ -64,7 +64,8 @@ def prodigy_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1
                 d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = math.inf, safeguard_warmup: bool = False,
                 fsdp_in_use: bool = False, slice_p: int = 11, prodigy_steps: int = 0, d_limiter: bool = False,
                 kourkoutas_beta: bool = False, beta2_min: float = 0.9, ema_alpha: float = 0.95,
-                tiny_spike: float = 1e-9, k_warmup_steps: int = 0, k_logging: int = 0, centered_wd: float = 0.0,
+                tiny_spike: float = 1e-9, k_warmup_steps: int = 0, k_logging: int = 0, layer_key_fn: Any = None,
+                centered_wd: float = 0.0,
                 centered_wd_mode: str = "float8", spectral_normalization: bool = False, seed: int = 0) -> Chain:
     """adv_optm 2.5.16's ``Prodigy_adv`` (its keywords and defaults, ``slice_p=11``): OrthoGrad
     (``orthogonal_gradient``), :func:`adv_chain.prodigy` with ``step_d="current"`` (adv_optm scales
@@ -105,7 +106,8 @@ def prodigy_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1
         checks.nonneg(name, "eps", eps)
     fisher = checks.flag(name, "fisher_wd", fisher_wd)
     use_atan2 = checks.flag(name, "use_atan2", use_atan2)
-    layer = kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps)
+    layer = kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps,
+                             layer_key_fn)
     # fisher_wd sets the decays' per-element wd_scale: Prodigy's d then reaches them as lr_scale
     step_signal = "lr_scale" if fisher else "wd_scale"
     moments = T.prodigy(betas=betas, eps=eps, beta3=beta3, d0=d0, d_coef=d_coef, growth_rate=growth_rate,

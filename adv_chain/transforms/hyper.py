@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+import importlib
+from typing import Any, Callable, Hashable, Mapping
 
 import torch
 
@@ -57,6 +58,52 @@ def _laid_out(beta2: torch.Tensor, u: torch.Tensor, offset: int) -> torch.Tensor
     return piece.reshape(u.shape)
 
 
+def _import_path(fn: Any) -> str | None:
+    """``'module:qualname'`` when that path imports back to ``fn`` (a top-level function of an
+    importable module), else ``None`` (a lambda, a local function, one defined in ``__main__``)."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not module or not qualname or module == "__main__" or "<" in qualname:
+        return None
+    try:
+        return f"{module}:{qualname}" if _resolve(module, qualname) is fn else None
+    except (ImportError, AttributeError):
+        return None
+
+
+def _resolve(module: str, qualname: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _layer_key_arg(owner: str, value: Any) -> Any:
+    """``layer_key`` as stored in ``args``: ``"tensor"``, ``"shape"``, ``"module:function"`` (also
+    for a callable that imports back by that path, so configs stay plain data) or the callable."""
+    if callable(value):
+        return _import_path(value) or value
+    if isinstance(value, str) and ":" in value:
+        _layer_key_function(owner, value)  # fails now, not at the first step
+        return value
+    return checks.choice(owner, "layer_key", value, _LAYER_KEYS)
+
+
+def _layer_key_function(owner: str, value: Any) -> Callable[[torch.Tensor], Hashable] | None:
+    if callable(value):
+        return value
+    if not isinstance(value, str) or ":" not in value:
+        return None
+    module, _, qualname = value.partition(":")
+    try:
+        fn = _resolve(module, qualname)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"{owner}: layer_key={value!r} names no importable function ({error}); expected "
+                         "'module:function', 'tensor', 'shape' or a callable param -> hashable key") from None
+    if not callable(fn):
+        raise ValueError(f"{owner}: layer_key={value!r} is not callable; expected a function param -> hashable key")
+    return fn
+
+
 class KourkoutasBeta(Transform):
     """Kourkoutas-beta (Kassinos, arXiv 2508.12996): a per-layer second-moment decay driven by
     gradient spikes, published as the ``beta2`` signal that the next :func:`scale_by_adam` uses::
@@ -65,8 +112,11 @@ class KourkoutasBeta(Transform):
         sun = (n / (r + tiny_spike)) / (1 + n / (r + tiny_spike))          (in [0, 1))
         beta2 = beta2_max - (beta2_max - beta2_min) * sun
 
-    A layer is one tensor (``layer_key="tensor"``, the paper's per-parameter default) or every
-    tensor of the same shape (``"shape"``, adv_optm's default). ``warmup`` steps either hold
+    A layer is one tensor (``layer_key="tensor"``, the paper's per-parameter default), every
+    tensor of the same shape (``"shape"``, adv_optm's default), or every tensor for which a
+    function ``layer_key(param) -> hashable`` returns the same key (adv_optm's ``layer_key_fn``;
+    given as a callable or as ``"module:function"``; a top-level function of an importable module is
+    stored by that path, so the chain's config stays plain data). ``warmup`` steps either hold
     ``(beta2_min + beta2_max) / 2`` (``warmup_mode="hold"``, the paper's) or blend linearly from
     ``beta2_max`` (``"ramp"``, adv_optm's). ``lag=True`` uses the previous step's norms, as adv_optm
     does (its first step is then ``beta2_max``). ``r`` is kept per tensor (``"kourkoutas/r_ema"``),
@@ -102,7 +152,8 @@ class KourkoutasBeta(Transform):
     hparams = {"beta2_min": HParam("beta2_min", checks.unit_interval)}
 
     def __init__(self, beta2_min: float = 0.88, beta2_max: float = 0.999, ema_alpha: float = 0.93,
-                 tiny_spike: float = 1e-9, warmup: int = 0, warmup_mode: str = "hold", layer_key: str = "tensor",
+                 tiny_spike: float = 1e-9, warmup: int = 0, warmup_mode: str = "hold",
+                 layer_key: "str | Callable[[torch.Tensor], Hashable]" = "tensor",
                  lag: bool = False, *, name: str | None = None) -> None:
         if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
             raise ValueError(f"{self.type_name}: warmup={warmup!r} must be an int >= 0 (steps)")
@@ -111,9 +162,10 @@ class KourkoutasBeta(Transform):
                          ema_alpha=checks.unit_interval(self.type_name, "ema_alpha", ema_alpha),
                          tiny_spike=checks.positive(self.type_name, "tiny_spike", tiny_spike), warmup=warmup,
                          warmup_mode=checks.choice(self.type_name, "warmup_mode", warmup_mode, _WARMUPS),
-                         layer_key=checks.choice(self.type_name, "layer_key", layer_key, _LAYER_KEYS),
+                         layer_key=_layer_key_arg(self.type_name, layer_key),
                          lag=checks.flag(self.type_name, "lag", lag))
         self.check_hparams(self.type_name, self.args)
+        object.__setattr__(self, "_layer_fn", _layer_key_function(self.type_name, self.args["layer_key"]))
 
     def check_hparams(self, owner: str, hp: Any) -> None:
         if not hp["beta2_min"] < hp["beta2_max"]:
@@ -132,9 +184,25 @@ class KourkoutasBeta(Transform):
         return specs
 
     def layer_key(self, param: torch.Tensor, index: int, group: Mapping[str, Any]) -> Any:
-        if self.args["layer_key"] != "shape" or param_tags(param, group) & _OWN_LAYER_TAGS:
+        fn = self._layer_fn
+        if fn is None and self.args["layer_key"] != "shape" or param_tags(param, group) & _OWN_LAYER_TAGS:
             return index  # adapters and DoRA scales are layers of their own, as in adv_optm
-        return tuple(param.shape)
+        if fn is None:
+            return tuple(param.shape)
+        key = fn(param)
+        try:
+            hash(key)
+        except TypeError:
+            raise TypeError(f"{self.type_name}: layer_key={self.args['layer_key']!r} returned {key!r} for a parameter "
+                            f"of shape {tuple(param.shape)}; a layer key must be hashable (a str, int or tuple)") from None
+        return ("layer_key", key)  # never equal to another parameter's index
+
+    def to_config(self) -> dict[str, Any]:
+        if callable(self.args["layer_key"]):
+            raise ValueError(f"{self.type_name}: layer_key={self.args['layer_key']!r} cannot be saved in a config: "
+                             "define the function at the top level of an importable module (then it is stored "
+                             "as 'module:function') or pass that 'module:function' string")
+        return super().to_config()
 
     def host_scalars(self, h: HostView) -> dict[str, Any]:
         warmup, t = h.hp["warmup"], h.step
