@@ -346,3 +346,31 @@ def test_compiled_matches_eager(kw):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "compile=True compiled nothing"
     for a, b in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_normed_momentum_denominator_and_scale_invariant_eps_arguments():
+    with pytest.raises(ValueError, match="scale_by_adam: eps=None .* only used with normed_momentum='eps'"):
+        ac.scale_by_adam(eps=None)
+    with pytest.raises(ValueError, match="scale_by_adam: publish_denom=True is for normed_momentum"):
+        ac.scale_by_adam(publish_denom=True)
+    chain = ac.presets.adamw_adv(normed_momentum=True, fisher_wd=True, eps=None, weight_decay=0.1)
+    assert chain["adam"].args["publish_denom"] and chain["fisher_wd"].args["eps"] is None
+
+
+@pytest.mark.parametrize("kwargs", [{"normed_momentum": True, "fisher_wd": True, "eps": None},
+                                    {"normed_momentum": True, "use_atan2": True, "fisher_wd": True}])
+def test_normed_fisher_compiled_equals_eager(kwargs):
+    torch.manual_seed(0)
+    shapes = [(8, 6), (6,)]
+    runs = []
+    for compile in (False, True):
+        params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+                  for i, s in enumerate(shapes)]
+        opt = ac.optim.AdamW_adv(params, lr=1e-2, weight_decay=0.5, compile=compile, **kwargs)
+        for t in range(4):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * t + i))
+            opt.step()
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)

@@ -45,6 +45,11 @@ CASES_2_5_16 = [
     {"fisher_wd": True, "weight_decay": 0.5, "centered_wd": 1.0, "centered_wd_mode": "int8"},
     {"fisher_wd": True, "use_atan2": True, "weight_decay": 0.5},
     {"eps": None},  # the scale-invariant epsilon 1/sqrt(N) per tensor
+    {"normed_momentum": True, "eps": None},
+    {"fisher_wd": True, "eps": None, "weight_decay": 0.5},
+    {"normed_momentum": True, "fisher_wd": True, "weight_decay": 0.5},
+    {"normed_momentum": True, "use_atan2": True, "fisher_wd": True, "weight_decay": 0.5},
+    {"normed_momentum": True, "fisher_wd": True, "eps": None, "weight_decay": 0.5, "centered_wd": 1.0},
     {"eps": None, "betas": (0.8, 0.95), "weight_decay": 0.1, "orthogonal_gradient": "flattened"},
 ]
 

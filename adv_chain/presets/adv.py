@@ -131,13 +131,15 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     ``use_AdEMAMix`` -> :func:`ademamix` with the slow EMA bias-corrected (legacy behaviour);
     ``cautious_mask`` -> :func:`cautious` with the reference's mean rescale; ``grams_moment`` ->
     :func:`grams`; ``stochastic_rounding`` -> :func:`stochastic_round_apply` (bf16 weights).
-    ``fisher_wd`` -> :func:`fisher_wd` before the normalizer (not with ``normed_momentum`` yet);
+    ``fisher_wd`` -> :func:`fisher_wd` before the normalizer (with ``normed_momentum``, Adam publishes
+    the denominator for it: ``scale_by_adam(publish_denom=True)``); ``eps=None`` is the
+    scale-invariant ``1/sqrt(N)`` everywhere eps enters (eps_divide, normed momentum, fisher_wd);
     ``centered_wd``/``centered_wd_mode`` -> :func:`centered_wd` after the ordinary decay (cautious
     with ``cautious_wd``). ``spectral_normalization`` -> :func:`spectral_normalization` after the masks
     (it normalizes ``m/bc1/D``, so the bias correction cancels: adv_optm's B13, a 10x first step, fixed).
     ``orthogonal_gradient='iterative'`` -> ``orthograd(mode='iterative')``. ``normed_momentum`` ->
     ``scale_by_adam(normed_momentum='eps')`` (``'atan2'`` with ``use_atan2``), which normalizes the
-    gradient before the first moment and publishes no denominator, so the chain has no
+    gradient before the first moment (its denominator goes only to ``fisher_wd``), so the chain has no
     ``eps_divide``/``atan2_scale`` (spec §4.2; a copy is normalized, ``p.grad`` is not written as the
     reference does). It cannot be combined with the legacy ``use_AdEMAMix`` (no reference has both).
     Moments stay fp32 for bf16 weights (the reference keeps them in bf16).
@@ -154,16 +156,10 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     checks.flag(name, "use_AdEMAMix", use_AdEMAMix)
     checks.flag(name, "use_atan2", use_atan2)
     normed = _normed_mode(name, normed_momentum, use_atan2, use_AdEMAMix)
-    if eps is None and (normed == "eps" or fisher_wd):
-        raise NotImplementedError(f"{name}: eps=None (the scale-invariant 1/sqrt(N) epsilon) works with eps_divide; "
-                                  "with normed_momentum=True or fisher_wd=True it is not implemented yet: pass a number")
     if fisher_wd and cautious_mask and not grams_moment:
         raise NotImplementedError(f"{name}: fisher_wd=True with the legacy cautious_mask=True is not implemented yet "
                                   "(the mask's per-tensor rescale sits between the denominator and the decay); "
                                   "leave one of them off")
-    if normed and checks.flag(name, "fisher_wd", fisher_wd):
-        raise NotImplementedError(f"{name}: fisher_wd=True together with normed_momentum=True is not implemented "
-                                  "yet (normed momentum publishes no denominator); leave one of them off")
     return chain(
         *gradient_stage(name, orthogonal_gradient),
         *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps,
@@ -172,7 +168,9 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
                                      bias_correction=checks.flag(name, "use_bias_correction", use_bias_correction),
                                      nesterov=checks.flag(name, "nesterov", nesterov), nesterov_coef=nesterov_coef,
                                      **({"normed_momentum": normed} if normed else {}),
-                                     **({"eps": eps} if normed == "eps" else {})),
+                                     **({"eps": eps} if normed == "eps" else {}),
+                                     # fisher_wd reads the denominator a normed direction no longer needs
+                                     **({"publish_denom": True} if normed and fisher_wd else {})),
                factored_2nd=factored_2nd, **storage),
         *((stored(name, T.ademamix(beta3=beta3_ema, alpha=alpha, slow_bias_correction=True), second_moment=False,
                   **storage),) if use_AdEMAMix else ()),

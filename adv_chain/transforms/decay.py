@@ -16,6 +16,7 @@ from .._core import checks
 from .._core import foreach as F
 from .._core.tags import ADAPTER_TAGS
 from .._core.transform import HParam, HostView, StateSpec, Transform
+from .normalize import _scale_invariant_eps
 
 Tensors = list[torch.Tensor]
 
@@ -300,7 +301,8 @@ class FisherWD(Transform):
     ``D`` is the ``denom`` a moment transform published (Adam's ``sqrt(v) / sqrt(1 - b2^t)``); place
     ``fisher_wd`` between that moment and the normalizer that consumes ``denom``, with ``atan2``
     matching the normalizer (:func:`atan2_scale` or :func:`eps_divide`) and the same ``eps``.
-    ``atan2=False`` needs whole tensors (``"tensor"`` scope). Fed by ``group["eps"]``.
+    ``atan2=False`` needs whole tensors (``"tensor"`` scope). Fed by ``group["eps"]``; ``eps=None``
+    is the scale-invariant ``1/sqrt(N)`` (as :func:`eps_divide`'s).
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.scale_by_adam(), ac.fisher_wd(eps=1e-8), ac.eps_divide(1e-8), ac.weight_decay(0.1),
@@ -313,17 +315,24 @@ class FisherWD(Transform):
     stage = "decay"
     reads = frozenset({"param", "sig:denom"})
     writes = frozenset({"sig:wd_scale"})
-    hparams = {"eps": HParam("eps", checks.nonneg)}
+    hparams = {"eps": HParam("eps", lambda owner, arg, value: None if value is None
+                             else checks.nonneg(owner, arg, value))}
 
-    def __init__(self, eps: float = 1e-8, atan2: bool = False, *, name: str | None = None) -> None:
+    def __init__(self, eps: float | None = 1e-8, atan2: bool = False, *, name: str | None = None) -> None:
         super().__init__(name=name, eps=eps, atan2=checks.flag(self.type_name, "atan2", atan2))
 
     @property
     def scope(self) -> str:  # type: ignore[override]
         return "elementwise" if self.args["atan2"] else "tensor"
 
+    def state_specs(self, param: torch.Tensor, hp: Any) -> dict[str, StateSpec]:
+        if hp["eps"] is None and not hp["atan2"]:  # adv_optm's scale-invariant 1/sqrt(N), as eps_divide's
+            return {"auto_eps": StateSpec(scalar=True, build=_scale_invariant_eps)}
+        return {}
+
     def host_scalars(self, h: HostView) -> dict[str, Any]:
-        return {"eps": h.hp["eps"], "atan2_scale": 4.0 / math.pi}
+        eps = h.hp["eps"]
+        return {"eps": 0.0 if eps is None else eps, "auto_eps": eps is None, "atan2_scale": 4.0 / math.pi}
 
     def update(self, b: Any) -> None:
         denom = b.read_denom()  # read, not consumed: the normalizer after us divides by it
@@ -332,8 +341,8 @@ class FisherWD(Transform):
             s = [torch.atan2(d.new_ones(()), d) for d in denom]
             torch._foreach_mul_(s, b.s("atan2_scale"))
         else:
-            s = torch._foreach_add(denom, [b.s("eps")] * len(denom)) if F.is_tensor(b.s("eps")) \
-                else torch._foreach_add(denom, b.s("eps"))
+            eps = b.state("auto_eps") if b.s("auto_eps") else b.s("eps")
+            s = torch._foreach_add(denom, [eps] * len(denom) if F.is_tensor(eps) else eps)
             torch._foreach_reciprocal_(s)
             norms = torch._foreach_norm(torch._foreach_mul(s, _fp32(b.params)))
             # RMS = ||p * s|| / sqrt(N), clipped below at 1

@@ -9,10 +9,12 @@ import torch
 from .._core import checks
 from .._core import foreach as F
 from .._core.transform import HParam, HostView, StateSpec, Transform
+from .normalize import _scale_invariant_eps
 
 
 _ADAM_HPARAMS = {"betas": HParam("betas", checks.beta_pair), "amsgrad": HParam("amsgrad", checks.flag)}
-_ADAM_HPARAMS_EPS = {**_ADAM_HPARAMS, "eps": HParam("eps", checks.nonneg)}
+_ADAM_HPARAMS_EPS = {**_ADAM_HPARAMS, "eps": HParam("eps", lambda owner, arg, value: None if value is None
+                                                      else checks.nonneg(owner, arg, value))}
 _NORMED_MODES = (None, "eps", "atan2")
 
 
@@ -50,9 +52,12 @@ class ScaleByAdam(Transform):
 
     with ``A = 4/pi`` for atan2 (adv_optm's scale, as :func:`atan2_scale`'s default) and 1 otherwise;
     ``beta1 = 0`` emits ``A * x``. No denominator is published then, so no :func:`eps_divide` or
-    :func:`atan2_scale` may follow (the chain refuses one: it would divide twice). ``eps`` is used
-    by ``"eps"`` only, where it is fed by ``group["eps"]``. ``x`` is a new tensor: unlike adv_optm,
-    which normalizes ``p.grad`` in place, the user's gradient is never written.
+    :func:`atan2_scale` may follow (the chain refuses one: it would divide twice); with
+    ``publish_denom=True`` ``D`` is published as an optional signal for a reader such as
+    :func:`fisher_wd`. ``eps`` is used by ``"eps"`` only, where it is fed by ``group["eps"]``;
+    ``eps=None`` is adv_optm's scale-invariant ``1/sqrt(N)`` per tensor (as :func:`eps_divide`'s).
+    ``x`` is a new tensor: unlike adv_optm, which normalizes ``p.grad`` in place, the user's
+    gradient is never written.
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.scale_by_adam(betas=(0.9, 0.95)), ac.eps_divide(1e-8), ac.apply()).names
@@ -69,7 +74,8 @@ class ScaleByAdam(Transform):
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), amsgrad: bool = False,
                  bias_correction: bool = True, nesterov: bool = False, nesterov_coef: float | None = None,
-                 normed_momentum: bool | str | None = None, eps: float = 1e-8, *, name: str | None = None) -> None:
+                 normed_momentum: bool | str | None = None, eps: float | None = 1e-8, publish_denom: bool = False, *,
+                 name: str | None = None) -> None:
         if nesterov_coef is not None:
             nesterov_coef = checks.closed_unit(self.type_name, "nesterov_coef", nesterov_coef)
         if isinstance(normed_momentum, bool):  # True: divide by (D + eps), as adv_optm's default
@@ -77,10 +83,20 @@ class ScaleByAdam(Transform):
         elif normed_momentum is not None and not (isinstance(normed_momentum, str) and normed_momentum in _NORMED_MODES):
             raise ValueError(f"{self.type_name}: normed_momentum={normed_momentum!r} is not one of "
                              f"{(*_NORMED_MODES, True, False)}")
+        if eps is None and normed_momentum != "eps":
+            raise ValueError(f"{self.type_name}: eps=None (the scale-invariant 1/sqrt(N)) is only used with "
+                             "normed_momentum='eps'; without it, pass eps=None to the eps_divide that follows")
+        extra = {}
+        if checks.flag(self.type_name, "publish_denom", publish_denom):
+            if normed_momentum is None:
+                raise ValueError(f"{self.type_name}: publish_denom=True is for normed_momentum (without it the "
+                                 "denominator is always published)")
+            extra["publish_denom"] = True
         super().__init__(name=name, betas=betas, amsgrad=checks.flag(self.type_name, "amsgrad", amsgrad),
                          bias_correction=checks.flag(self.type_name, "bias_correction", bias_correction),
                          nesterov=checks.flag(self.type_name, "nesterov", nesterov), nesterov_coef=nesterov_coef,
-                         normed_momentum=normed_momentum, eps=checks.nonneg(self.type_name, "eps", eps))
+                         normed_momentum=normed_momentum,
+                         eps=None if eps is None else checks.nonneg(self.type_name, "eps", eps), **extra)
 
     @property
     def hparams(self) -> Mapping[str, HParam]:  # type: ignore[override]
@@ -91,12 +107,19 @@ class ScaleByAdam(Transform):
 
     @property
     def writes(self) -> frozenset[str]:  # type: ignore[override]
-        if self.args["normed_momentum"] is not None:  # the direction is final: nothing left to divide by
-            return frozenset({"update", "sig:bc1"})
+        if self.args["normed_momentum"] is not None and not self.args.get("publish_denom"):
+            return frozenset({"update", "sig:bc1"})  # the direction is final: nothing left to divide by
         return frozenset({"update", "sig:denom", "sig:bc1"})
+
+    @property
+    def optional_signals(self) -> frozenset[str]:  # type: ignore[override]
+        # a normed direction's denominator is for a reader such as fisher_wd, not for a normalizer
+        return frozenset({"sig:bc1", "sig:denom"}) if self.args.get("publish_denom") else frozenset({"sig:bc1"})
 
     def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
         specs = {"exp_avg_sq": StateSpec(kind="nonneg", factorable=True)}
+        if hp["normed_momentum"] == "eps" and hp["eps"] is None:
+            specs["auto_eps"] = StateSpec(scalar=True, build=_scale_invariant_eps)
         if hp["betas"][0] != 0:
             specs["exp_avg"] = StateSpec(kind="signed", factorable=True)
         if hp["amsgrad"]:
@@ -113,9 +136,9 @@ class ScaleByAdam(Transform):
                 "m_scale": a / bc1, "bc1": bc1, "sqrt_bc2": math.sqrt(bc2), "amsgrad": h.hp["amsgrad"],
                 "first_moment": b1 != 0, "nesterov": h.hp["nesterov"] and b1 != 0,
                 "nesterov_m": a * c / bc1, "nesterov_g": a * (1.0 - c) / bc1, "normed_scale": a,
-                "eps": h.hp["eps"]}
+                "eps": 0.0 if h.hp["eps"] is None else h.hp["eps"], "auto_eps": h.hp["eps"] is None}
 
-    static_scalars = frozenset({"amsgrad", "first_moment", "nesterov"})
+    static_scalars = frozenset({"amsgrad", "first_moment", "nesterov", "auto_eps"})
 
     def update(self, b: Any) -> None:
         g = b.u
@@ -138,11 +161,19 @@ class ScaleByAdam(Transform):
         if normed is not None:
             torch._foreach_div_(denom, b.s("sqrt_bc2"))
             # normalize a copy of the gradient by the current denominator (never p.grad in place)
+            if self.args.get("publish_denom"):  # D = sqrt(v / (1 - b2^t)) as is, for fisher_wd
+                b.publish_denom(denom)
             if normed == "atan2":  # torch has no multi-tensor atan2: one op per tensor (fused under compile)
                 g = [torch.atan2(x, d) for x, d in zip(g, denom)]
             else:
-                F.add_scalar_(denom, b.s("eps"))
-                g = torch._foreach_div(g, denom)
+                eps = b.state("auto_eps") if b.s("auto_eps") else b.s("eps")
+                if F.is_tensor(eps):  # (the 0-d tensor overload of _foreach_add would sync to the host)
+                    eps = [eps] * len(denom)
+                if self.args.get("publish_denom"):  # D stays published: divide by a copy with eps
+                    g = torch._foreach_div(g, torch._foreach_add(denom, eps))
+                else:
+                    torch._foreach_add_(denom, eps)
+                    g = torch._foreach_div(g, denom)
             if b.s("first_moment"):
                 m = b.state("exp_avg")
                 F.lerp_(m, g, b.s("one_minus_b1"))
