@@ -426,3 +426,35 @@ def test_init_state_allocates_every_key_up_front():
     opt.init_state()
     assert set(opt.state[model.weight]) == {"step", "adam/exp_avg", "adam/exp_avg_sq"}
     assert float(opt.state[model.weight]["step"]) == 0
+
+
+def test_a_decay_term_before_a_whole_tensor_reduction_is_a_build_error():
+    """A decay term lives in its segment: a layer-scope transform after it would drop the decay
+    silently (it did before this check: weight_decay then cautious trained as if weight_decay=0)."""
+    import pytest
+    with pytest.raises(ValueError, match="weight_decay .* writes a decay term, but cautious .* decay terms do not "
+                                         "cross it; move 'cautious' before 'weight_decay'"):
+        ac.chain(ac.scale_by_adam(), ac.eps_divide(), ac.weight_decay(0.1), ac.cautious(), ac.apply())
+    ac.chain(ac.scale_by_adam(), ac.eps_divide(), ac.cautious(), ac.weight_decay(0.1), ac.apply())
+
+
+def test_cautious_whole_tensors_gives_the_layer_scope_numbers():
+    import pytest
+    import torch
+    runs = []
+    for whole in (False, True):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(40, 30)), torch.nn.Parameter(torch.randn(30))]
+        chain = ac.chain(ac.scale_by_adam(), ac.eps_divide(), ac.cautious(rescale="mean", whole_tensors=whole),
+                         ac.weight_decay(0.1), ac.apply())
+        opt = ac.ChainOptimizer(ps, chain, lr=1e-2)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append(ps)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="whole_tensors=True is for a rescale"):
+        ac.cautious(rescale="none", whole_tensors=True)

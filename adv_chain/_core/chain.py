@@ -181,10 +181,20 @@ def validate(ts: tuple[Transform, ...], *, complete: bool) -> None:
     published: dict[str, Transform] = {}
     lost: dict[str, tuple[Transform, Transform]] = {}
     crossing: str | None = None
+    decaying: Transform | None = None  # the last transform that wrote a decay term in this segment
     for t in ts:
         if t.scope in ("layer", "global"):
             lost.update({sig: (src, t) for sig, src in published.items()})
             published.clear()
+            if decaying is not None and not t.terminal:
+                # decay terms live in their segment like signals: the terminal after the barrier
+                # would never see them (the decay would be silently dropped)
+                raise ValueError(
+                    f"{_describe(decaying)} writes a decay term, but {_describe(t)} after it reduces over whole "
+                    f"tensors ({t.scope} scope) and decay terms do not cross it; move {t.name!r} before "
+                    f"{decaying.name!r} (decay transforms go last, right before the terminal)")
+        if "decay" in t.writes:
+            decaying = t
         for r in sorted(x for x in t.reads | t.consumes if x.startswith("sig:") and x in lost):
             src, barrier = lost[r]
             crossing = crossing or (  # raised after the other signal rules (they name the likelier mistake)

@@ -44,8 +44,11 @@ def gradient_stage(preset: str, orthogonal_gradient: Any) -> tuple[Transform, ..
     return (T.orthograd(),) if orthogonal_gradient in ("flattened", True) else ()
 
 
-def direction_mask(preset: str, cautious_mask: bool, grams_moment: bool) -> tuple[Transform, ...]:
-    """The legacy masks: Grams takes precedence over cautious (with a warning), as the reference."""
+def direction_mask(preset: str, cautious_mask: bool, grams_moment: bool,
+                   whole_tensors: bool = False) -> tuple[Transform, ...]:
+    """The legacy masks: Grams takes precedence over cautious (with a warning), as the reference.
+    ``whole_tensors``: the cautious count runs inside a whole-tensor segment (after ``fisher_wd``,
+    whose per-element ``wd_scale`` must reach the decay)."""
     checks.flag(preset, "cautious_mask", cautious_mask)
     checks.flag(preset, "grams_moment", grams_moment)
     if grams_moment and cautious_mask:
@@ -53,7 +56,7 @@ def direction_mask(preset: str, cautious_mask: bool, grams_moment: bool) -> tupl
                       "cautious mask is off (as in adv_optm)", stacklevel=3)
     if grams_moment:
         return (T.grams(),)
-    return (T.cautious(rescale="mean"),) if cautious_mask else ()
+    return (T.cautious(rescale="mean", whole_tensors=whole_tensors),) if cautious_mask else ()
 
 
 def kourkoutas_stage(preset: str, enabled: bool, betas: Any, beta2_min: float, ema_alpha: float, tiny_spike: float,
@@ -156,10 +159,6 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
     checks.flag(name, "use_AdEMAMix", use_AdEMAMix)
     checks.flag(name, "use_atan2", use_atan2)
     normed = _normed_mode(name, normed_momentum, use_atan2, use_AdEMAMix)
-    if fisher_wd and cautious_mask and not grams_moment:
-        raise NotImplementedError(f"{name}: fisher_wd=True with the legacy cautious_mask=True is not implemented yet "
-                                  "(the mask's per-tensor rescale sits between the denominator and the decay); "
-                                  "leave one of them off")
     return chain(
         *gradient_stage(name, orthogonal_gradient),
         *kourkoutas_stage(name, kourkoutas_beta, betas, beta2_min, ema_alpha, tiny_spike, k_warmup_steps,
@@ -177,7 +176,7 @@ def adamw_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1e-
         *fisher_stage(name, fisher_wd, eps, use_atan2),
         # normed momentum: scale_by_adam already normalized (it publishes no denominator)
         *(() if normed else (T.atan2_scale(bias_correction="outside") if use_atan2 else T.eps_divide(eps),)),
-        *direction_mask(name, cautious_mask, grams_moment),
+        *direction_mask(name, cautious_mask, grams_moment, whole_tensors=bool(fisher_wd)),
         *spectral_stage(name, spectral_normalization, seed),
         decay_stage(weight_decay, cautious_wd),
         *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),
@@ -262,7 +261,7 @@ def adopt_adv(betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6, wei
                state_precision=state_precision, nnmf_factor=nnmf_factor, factored_2nd=factored_2nd,
                vector_reshape=vector_reshape, seed=seed),
         *fisher_stage(name, fisher_wd, eps, use_atan2),
-        *direction_mask(name, cautious_mask, grams_moment),
+        *direction_mask(name, cautious_mask, grams_moment, whole_tensors=fisher_wd),
         *spectral,
         decay_stage(weight_decay, cautious_wd),
         *centered_stage(name, centered_wd, centered_wd_mode, cautious_wd),

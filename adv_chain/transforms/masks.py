@@ -30,8 +30,11 @@ class Cautious(Transform):
     The rescale needs the whole tensor's mask count, so with a rescale the mask is applied in a
     ``prepare`` step at the end of the segment before the count (on slices still in cache), the
     masked direction is kept and its non-zeros counted (``u * g > 0`` implies ``u != 0``, so they
-    are the mask's ones), and the per-tensor rescale is the only work left after the count. Cannot
-    share a chain with :func:`grams`.
+    are the mask's ones), and the per-tensor rescale is the only work left after the count.
+    ``whole_tensors=True`` (with a rescale) instead masks, counts and rescales within its segment on
+    whole tensors (``"tensor"`` scope, no reduction barrier): for a segment that runs on whole tensors
+    anyway, and so that the signals and decay terms published before it (:func:`fisher_wd`'s
+    ``wd_scale``) reach the transforms after it. Cannot share a chain with :func:`grams`.
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.scale_by_adam(), ac.eps_divide(), ac.cautious(), ac.apply()).names
@@ -46,12 +49,20 @@ class Cautious(Transform):
     additive_reduce = True  # (count, size) of slices add up
     prepares = True  # with a rescale (layer scope): the mask itself runs before the count
 
-    def __init__(self, rescale: str = "paper", *, name: str | None = None) -> None:
-        super().__init__(name=name, rescale=checks.choice(self.type_name, "rescale", rescale, _RESCALES))
+    def __init__(self, rescale: str = "paper", whole_tensors: bool = False, *, name: str | None = None) -> None:
+        extra = {}
+        if checks.flag(self.type_name, "whole_tensors", whole_tensors):
+            if rescale == "none":
+                raise ValueError(f"{self.type_name}: whole_tensors=True is for a rescale; rescale='none' is "
+                                 "elementwise already")
+            extra["whole_tensors"] = True
+        super().__init__(name=name, rescale=checks.choice(self.type_name, "rescale", rescale, _RESCALES), **extra)
 
     @property
     def scope(self) -> str:  # type: ignore[override]
-        return "elementwise" if self.args["rescale"] == "none" else "layer"
+        if self.args["rescale"] == "none":
+            return "elementwise"
+        return "tensor" if self.args.get("whole_tensors") else "layer"
 
     def prepare(self, b: Any) -> None:
         u = b.own_u()
@@ -77,6 +88,10 @@ class Cautious(Transform):
     def update(self, b: Any) -> None:
         if self.args["rescale"] == "none":
             self.prepare(b)
+        elif self.args.get("whole_tensors"):  # the whole reduction right here, on whole tensors
+            self.prepare(b)
+            scale = self.finalize(self.reduce(b), list(range(len(b.params))), self.args)["scale"]
+            torch._foreach_mul_(b.own_u(), scale)
         else:
             torch._foreach_mul_(b.own_u(), b.s("scale"))
 
