@@ -22,6 +22,11 @@ def signal_ema_(v: list[torch.Tensor], g: list[torch.Tensor], beta2: list[torch.
     """``v = beta2 * v + (1 - beta2) * g^2`` with the ``beta2`` signal of :func:`kourkoutas_beta`: per
     tensor of the bucket a 0-d tensor, or a tensor broadcastable to it (an adapter's ``(rows, 1)`` /
     ``(1, cols)`` beta2 when the tensor is the whole parameter, the slice's own values on a slice)."""
+    numbers = [F.host_number(x) for x in beta2]
+    if not any(F.is_tensor(x) for x in numbers):  # on the CPU: fused scalar-list ops, no temporary
+        torch._foreach_mul_(v, numbers)
+        torch._foreach_addcmul_(v, g, g, [1.0 - x for x in numbers])
+        return
     torch._foreach_mul_(v, beta2)
     sq = torch._foreach_mul(g, g)
     torch._foreach_mul_(sq, [1.0 - x for x in beta2])
