@@ -99,3 +99,29 @@ def test_two_reductions_in_one_chain_match_a_direct_computation(compile):
     ac.ChainOptimizer(params, chain, lr=1e-2, chunk_elems=1024, compile=compile).step()
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chain", [
+    lambda: ac.presets.adamw_adv(cautious_mask=True, weight_decay=0.1),
+    lambda: ac.presets.adamw_adv(orthogonal_gradient="flattened", cautious_mask=True, use_atan2=True),
+    lambda: ac.chain(ac.orthograd(), ac.scale_by_adam(), ac.eps_divide(), ac.cautious(), ac.apply()),
+])
+def test_a_pipelined_step_gives_the_numbers_of_a_whole_step(chain):
+    """Per-tensor barriers only: the plan runs on parts of a few tensors (chunk_elems) with a pooled
+    direction buffer; the numbers are those of one pass over all tensors, bit for bit."""
+    runs = []
+    for pipelined in (True, False):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(64, 48), (48,), (3000,), (7, 5, 3), (2048,)]]
+        opt = ac.ChainOptimizer(params, chain(), lr=1e-2, chunk_elems=2048)
+        if not pipelined:
+            opt._pipelined[opt._plan] = False
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        assert opt._pipelined[opt._plan] is pipelined
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

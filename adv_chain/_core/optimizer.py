@@ -13,7 +13,8 @@ from .compile import ScalarCache, layout_and_tensors, make_kernel, noise_key_ten
 from .numerics import noise_key
 from .barrier import run_barrier, run_barrier_lagged
 from . import distributed
-from .plan import Segment, Work, accumulation_transforms, build_plan, flat_view, segment_body
+from .plan import (Segment, Work, accumulation_transforms, build_plan, flat_view, pipelines, segment_body,
+                   split_work)
 from .tags import param_tags, route_tags, with_tags
 from .state import STATE_DTYPES, allocate_state, match_checkpoint, restore_saved_state, state_specs
 from .transform import HostView, StateSpec, Transform
@@ -90,6 +91,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         #: optimi's optimizer accumulation: while True a step updates the moments only (no decay, no write)
         self.optimizer_accumulation = False
         self._plans = {False: build_plan(chain.transforms), True: build_plan(accumulation_transforms(chain.transforms))}
+        self._pipelined: dict[tuple[Segment, ...], bool] = {}
         self._terminal = chain.transforms[-1]
         self._compile_options = (dict(compile) if isinstance(compile, Mapping) else {}) if compile else None
         self._kernels: dict[Any, Callable[..., Any]] = {}
@@ -263,6 +265,19 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _run(self, works: list[Work], lagged: bool = False) -> None:
         if distributed.localize(works):  # FSDP2: DTensor params run on their local shards
             return distributed.run(self, works, lagged)
+        plan = self._plan
+        if not lagged and self._pipelined.setdefault(plan, pipelines(plan)):
+            # per-tensor barriers only: the whole plan runs on a few tensors at a time, so the
+            # direction handed across a barrier exists for those tensors only (in one reused buffer)
+            pool: dict[Any, torch.Tensor] = {}
+            for w in works:
+                for part in split_work(w, self._group_elems):
+                    part.pool = pool
+                    self._run_plan([part], lagged)
+            return None
+        return self._run_plan(works, lagged)
+
+    def _run_plan(self, works: list[Work], lagged: bool) -> None:
         for si, seg in enumerate(self._plan):
             if seg.barrier is not None:
                 (run_barrier_lagged if lagged else run_barrier)(self, seg.barrier, works)
@@ -359,7 +374,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         piece_keys = [keys[i] for i, _, _ in pieces] if keys is not None else None
         out = self._call(si, seg, params, grads, ref, piece_states, scalars, owned, offsets, piece_keys)
         if seg.materialize:
-            self._store_full(w, pieces, cut, out)
+            self._store_full(si, w, pieces, cut, out)
             nxt = self._plan[si + 1].barrier
             if nxt is not None and nxt.additive_reduce:
                 # reduce the next barrier on these slices while they are in cache, summed per tensor
@@ -370,12 +385,11 @@ class ChainOptimizer(torch.optim.Optimizer):
                 for (i, _, _), value in zip(pieces, nxt.reduce(b)):
                     w.partials[i] = value if w.partials[i] is None else w.partials[i] + value
 
-    def _store_full(self, w: Work, pieces: list[tuple[int, Any, Any]], cut: Callable[..., torch.Tensor],
+    def _store_full(self, si: int, w: Work, pieces: list[tuple[int, Any, Any]], cut: Callable[..., torch.Tensor],
                     out: tuple[list[torch.Tensor], Any]) -> None:
         u, ref = out
         if w.next_u is None:
-            w.next_u = [torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                        for p in w.params]
+            w.next_u = _direction_buffers(w, si)
         torch._foreach_copy_([cut(w.next_u[i], s, e) for i, s, e in pieces], u)
         if ref is None:
             return
@@ -424,3 +438,24 @@ class ChainOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"ChainOptimizer(lr={self.defaults['lr']}, chain={self.chain!r})"
 
+
+def _direction_buffers(w: Work, si: int) -> list[torch.Tensor]:
+    """fp32 tensors shaped like ``w.params`` for the direction segment ``si`` materializes: views
+    of the step's pooled buffer for that segment when ``w`` is part of a pipelined step (allocated
+    once per step, at the largest part's size), else fresh tensors."""
+    fresh = [p.is_contiguous() and w.pool is not None for p in w.params]
+    need = sum(p.numel() for p, pooled in zip(w.params, fresh) if pooled)
+    buf = None
+    if need:
+        key = (si, w.params[0].device)
+        buf = w.pool.get(key)
+        if buf is None or buf.numel() < need:
+            buf = w.pool[key] = torch.empty(need, dtype=torch.float32, device=w.params[0].device)
+    out, start = [], 0
+    for p, pooled in zip(w.params, fresh):
+        if pooled:
+            out.append(buf[start:start + p.numel()].view(p.shape))
+            start += p.numel()
+        else:
+            out.append(torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format))
+    return out

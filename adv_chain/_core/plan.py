@@ -142,7 +142,7 @@ class Work:
     """One bucket for one step: params of one group sharing device, dtype and step number."""
 
     __slots__ = ("group_index", "params", "grads", "indices", "step", "hps", "scalars", "states",
-                 "noise_keys", "full_u", "full_g", "next_u", "next_g", "partials", "dist")
+                 "noise_keys", "full_u", "full_g", "next_u", "next_g", "partials", "dist", "pool")
 
     def __init__(self, group_index: int, step: int) -> None:
         self.group_index = group_index
@@ -160,6 +160,62 @@ class Work:
         self.partials: list[Any] = []
         # FSDP2: where the local shards sit in the full tensors (distributed.Sharding), else None
         self.dist: Any = None
+        # a pipelined step: flat buffers, reused by every part of the step, that hold the direction
+        # a segment materializes (see split_work); None: fresh tensors
+        self.pool: dict[Any, torch.Tensor] | None = None
+
+
+def per_tensor_reduction(t: Transform) -> bool:
+    """A layer-scope transform whose layers are single tensors and that keeps no group state: its
+    reduce -> finalize -> update can run on any subset of whole tensors with the same result."""
+    if t.scope != "layer":
+        return False
+    try:
+        probe = torch.zeros(2, 3)
+        return (t.layer_key(probe, 5, {}) == 5 and t.layer_key(probe, 6, {}) == 6
+                and not t.group_state(dict(t.args)))
+    except Exception:  # noqa: BLE001 - a transform that needs more context: not known to be per tensor
+        return False
+
+
+def pipelines(plan: tuple[Segment, ...]) -> bool:
+    """Every barrier of ``plan`` is a per-tensor reduction (orthograd, cautious), and there is one:
+    a step may then run the whole plan on a few tensors at a time (:func:`split_work`), so what a
+    segment materializes for the next (the direction) exists for those tensors only, and is still
+    in cache when the next segment reads it."""
+    barriers = [seg.barrier for seg in plan if seg.barrier is not None]
+    return bool(barriers) and all(per_tensor_reduction(t) for t in barriers)
+
+
+def split_work(w: Work, budget: int) -> list[Work]:
+    """``w`` as consecutive parts of whole tensors of about ``budget`` elements (at least one
+    tensor each); each part carries its tensors' states, scalars and noise keys."""
+    parts: list[list[int]] = []
+    total = budget
+    for j, p in enumerate(w.params):
+        if total + p.numel() > budget:
+            parts.append([])
+            total = 0
+        parts[-1].append(j)
+        total += p.numel()
+    if len(parts) <= 1:
+        return [w]
+    n = len(w.params)
+    out = []
+    for index in parts:
+        def pick(xs: list[Any], index: list[int] = index) -> list[Any]:
+            return [xs[j] for j in index]
+        part = Work(w.group_index, w.step)
+        part.params, part.grads, part.indices = pick(w.params), pick(w.grads), pick(w.indices)
+        part.partials = [None] * len(index)
+        part.hps = w.hps
+        part.scalars = {t: {k: (pick(v) if isinstance(v, list) and len(v) == n else v) for k, v in d.items()}
+                        for t, d in w.scalars.items()}
+        part.states = {t: {k: pick(v) for k, v in d.items()} for t, d in w.states.items()}
+        part.noise_keys = None if w.noise_keys is None else pick(w.noise_keys)
+        part.dist = w.dist
+        out.append(part)
+    return out
 
 
 #: stages whose transforms keep running while the optimizer accumulates (they own the moments)

@@ -84,23 +84,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .._core.chain import Chain
+from .._core.plan import per_tensor_reduction
 from .._core.transform import _NAME_RE, STAGES, HParam, HostView, Transform, expand, transform_from_config
 from .partition_rules import _bad, _check_rule, _matches, _remap, suitable_for_muon  # noqa: F401 - re-exported
 
 _ORDER = {s: i for i, s in enumerate(STAGES)}
-
-
-def _per_tensor_reduction(t: Transform) -> bool:
-    """A layer-scope transform whose layers are single tensors and that keeps no group state: its
-    reduce -> finalize -> update can run on one bucket's whole tensors."""
-    if t.scope != "layer":
-        return False
-    try:
-        probe = torch.zeros(2, 3)
-        return (t.layer_key(probe, 5, {}) == 5 and t.layer_key(probe, 6, {}) == 6
-                and not t.group_state(dict(t.args)))
-    except Exception:  # noqa: BLE001 - a transform that needs more context: not known to be per tensor
-        return False
 
 
 class _Inner(Transform):
@@ -236,7 +224,7 @@ class Partition(Transform):
         local: set[str] = set()
         for r, c in chains.items():
             for t in expand(c.transforms):
-                if t.scope in ("layer", "global") and not _per_tensor_reduction(t):
+                if t.scope in ("layer", "global") and not per_tensor_reduction(t):
                     raise _bad(owner, f"route {r!r} holds {t.type_name} ({t.name!r}), which reduces over many tensors "
                                f"({t.scope} scope); inside a partition only per-tensor reductions run (orthograd, "
                                "cautious, clip_by_tensor_norm, kourkoutas_beta(layer_key='tensor')): put it before or "
