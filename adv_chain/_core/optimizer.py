@@ -266,7 +266,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         if distributed.localize(works):  # FSDP2: DTensor params run on their local shards
             return distributed.run(self, works, lagged)
         plan = self._plan
-        if not lagged and self._pipelined.setdefault(plan, pipelines(plan)):
+        if plan not in self._pipelined:
+            self._pipelined[plan] = pipelines(plan)
+        if not lagged and self._pipelined[plan]:
             # per-tensor barriers only: the whole plan runs on a few tensors at a time, so the
             # direction handed across a barrier exists for those tensors only (in one reused buffer)
             pool: dict[Any, torch.Tensor] = {}

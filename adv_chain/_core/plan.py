@@ -179,12 +179,14 @@ def per_tensor_reduction(t: Transform) -> bool:
 
 
 def pipelines(plan: tuple[Segment, ...]) -> bool:
-    """Every barrier of ``plan`` is a per-tensor reduction (orthograd, cautious), and there is one:
-    a step may then run the whole plan on a few tensors at a time (:func:`split_work`), so what a
-    segment materializes for the next (the direction) exists for those tensors only, and is still
-    in cache when the next segment reads it."""
+    """Every barrier of ``plan`` is a per-tensor reduction (orthograd, cautious), and a segment
+    hands a materialized direction to the next: a step may then run the whole plan on a few tensors
+    at a time (:func:`split_work`), so that direction exists for those tensors only, in one reused
+    buffer (no parameter-sized temporary, no fresh pages). A plan whose only barrier comes first
+    (orthograd alone) materializes nothing and is not split: parts would only add overhead."""
     barriers = [seg.barrier for seg in plan if seg.barrier is not None]
-    return bool(barriers) and all(per_tensor_reduction(t) for t in barriers)
+    return (any(seg.materialize for seg in plan) and bool(barriers)
+            and all(per_tensor_reduction(t) for t in barriers))
 
 
 def split_work(w: Work, budget: int) -> list[Work]:
