@@ -5,7 +5,11 @@ For adv_chain (eager and ``compile=True``) and for the installed adv-optm 2.5.16
 has), each feature is timed in alternating pairs against its own library's plain ``AdamW_adv`` in
 the same process, on the shared parameter sets of ``_params.py`` (grads pre-filled, fp32).
 Legacy features (``cautious_mask``, ``grams_moment``, ``use_AdEMAMix``) exist in adv-optm 2.2.3
-only, which cannot be installed beside 2.5.16; their reference column says so.
+only, which cannot be installed beside 2.5.16: install it apart and name the directory, and those
+rows time 2.2.3 (against its own plain ``AdamW_adv``) in a child process that imports it first::
+
+    pip install --no-deps --target /tmp/adv_optm_223 adv-optm==2.2.3
+    python benchmarks/feature_overhead.py --features cautious_mask,grams,AdEMAMix --legacy-reference /tmp/adv_optm_223
 
 Usage (from the repository root):
     python benchmarks/feature_overhead.py --set gpt27m --threads 1,2 --markdown benchmarks/RESULTS.md
@@ -13,7 +17,9 @@ Usage (from the repository root):
 
 import argparse
 import datetime
+import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,6 +75,21 @@ def ratio(template, make_base, make_row, args, compiles: bool) -> str:
         return f"error: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
 
 
+def legacy_reference(args, set_name: str, threads: int, name: str) -> str:
+    """The reference cell of a legacy feature, timed on adv-optm 2.2.3 in a child process whose
+    import path starts with ``--legacy-reference``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(args.legacy_reference.resolve()),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, __file__, "--reference-row", name, "--set", set_name, "--threads", str(threads),
+           "--pairs", str(args.pairs), "--warmup", str(args.warmup)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        return f"error: {(done.stderr.strip().splitlines() or ['no output'])[-1][:80]}"
+    _, version, cell = line.split(" ", 2)
+    return f"{cell} (adv-optm {version})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="gpt27m")
@@ -78,7 +99,18 @@ def main() -> None:
     parser.add_argument("--features", default=",".join(FEATURES),
                         help="comma-separated subset of the features (a prefix picks every row that starts with it)")
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--legacy-reference", type=Path,
+                        help="directory holding adv-optm 2.2.3 (pip install --no-deps --target DIR adv-optm==2.2.3)")
+    parser.add_argument("--reference-row", help=argparse.SUPPRESS)  # the child process of --legacy-reference
     args = parser.parse_args()
+    if args.reference_row:
+        import adv_optm
+        kw, _, *which = FEATURES[args.reference_row]
+        torch.set_num_threads(int(args.threads))
+        cell = ratio(make_params(args.set), lambda p: adv_optm_step(p, "AdamW_adv"),
+                     lambda p: adv_optm_step(p, which[0] if which else "AdamW_adv", **kw), args, False)
+        print(f"RESULT {adv_optm.__version__} {cell}")
+        return
     prefixes = args.features.split(",")
     wanted = {n for n in FEATURES if any(n == w or n.startswith(w) for w in prefixes)}
     out = [f"## Per-feature overhead: `python {shlex.join(sys.argv)}`", "",
@@ -100,9 +132,13 @@ def main() -> None:
                               lambda p: adv_chain_step(p, False, cls, **kw), args, False)
                 compiled = ratio(template, lambda p: adv_chain_step(p, True, base_cls, **base_kw),
                                  lambda p: adv_chain_step(p, True, cls, **kw), args, True)
-                reference = (ratio(template, lambda p: adv_optm_step(p, base_cls, **base_kw),
-                                   lambda p: adv_optm_step(p, cls, **kw), args, False)
-                             if in_reference else "only in 2.2.3 (not installable beside 2.5.16)")
+                if in_reference:
+                    reference = ratio(template, lambda p: adv_optm_step(p, base_cls, **base_kw),
+                                      lambda p: adv_optm_step(p, cls, **kw), args, False)
+                elif args.legacy_reference:
+                    reference = legacy_reference(args, set_name, threads, name)
+                else:
+                    reference = "only in 2.2.3 (see --legacy-reference)"
                 out.append(f"| {name} | {eager} | {compiled} | {reference} |")
                 print(out[-1], flush=True)
             out.append("")
