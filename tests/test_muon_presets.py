@@ -493,3 +493,34 @@ def test_low_rank_and_spectral_resume_identically_and_a_dry_step_moves_nothing(c
     train(model, opt, 3)
     train(other, opt2, 3)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters()))
+
+
+def test_aux_kourkoutas_beta_with_iterative_orthograd():
+    """Both on the auxiliary Adam: equal to adv-optm's AdamW_adv with the same two features and
+    per-tensor layers (the auxiliary route's K-beta layers, B4 fixed)."""
+    lr = 1e-2
+    kb = dict(adam_beta2_min=0.5, adam_ema_alpha=0.9, adam_k_warmup_steps=3)
+    ref_model, our_model = _net(), _net()
+    oracle = _fixed_oracle(ref_model, lr, {}, dict(kourkoutas_beta=True, beta2_min=0.5, ema_alpha=0.9,
+                                                   k_warmup_steps=3, orthogonal_gradient="iterative",
+                                                   layer_key_fn=lambda p: id(p)))
+    ours = ac.optim.Muon_adv(our_model.parameters(), lr=lr, adam_kourkoutas_beta=True,
+                             adam_orthogonal_gradient="iterative", **kb)
+    assert _lockstep(oracle, ref_model, ours, our_model, steps=20) <= 1e-6
+    assert _aux_state_diff(oracle, ref_model, ours, our_model) <= 1e-6
+
+
+def test_normuon_eps_none_is_the_scale_invariant_epsilon():
+    """adv-optm's NorMuon crashes on eps=None; ours uses 1/sqrt(N) per tensor, as its other paths."""
+    import math
+    runs = []
+    for eps in (None, 1 / math.sqrt(12 * 10)):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(12, 10))
+        opt = ac.optim.AdaMuon_adv([{"params": [p], "use_muon": True}], lr=1e-2, normuon_variant=True, eps=eps)
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(5):
+            p.grad = torch.randn(12, 10, generator=gen)
+            opt.step()
+        runs.append(p.detach().clone())
+    assert torch.equal(runs[0], runs[1])

@@ -87,9 +87,6 @@ def aux_adam(preset: str, *, adam_betas: Any, adam_eps: Any, adam_weight_decay: 
     """The auxiliary Adam route (spec §2.9) with B4, B5 and B13 fixed (module docstring).
     ``adam_spectral_normalization``: :func:`spectral_normalization` as in :func:`adamw_adv`, then, with
     ``adam_use_atan2``, ``scale(4/pi)``: the reference's auxiliary Adam keeps atan2's factor there."""
-    if adam_kourkoutas_beta and adam_orthogonal_gradient == "iterative":
-        raise NotImplementedError(f"{preset}: adam_kourkoutas_beta=True with adam_orthogonal_gradient='iterative' is "
-                                  "not implemented yet (leave one of them off)")
     checks.flag(preset, "adam_spectral_normalization", adam_spectral_normalization)
     full = adamw_adv(betas=adam_betas, eps=adam_eps, weight_decay=adam_weight_decay, fisher_wd=adam_fisher_wd,
                      cautious_wd=cautious_wd, use_bias_correction=adam_use_bias_correction, use_atan2=adam_use_atan2,
@@ -291,8 +288,6 @@ def adamuon_adv(betas: tuple[float, float] = (0.95, 0.95), eps: float | None = 1
     atan2 = checks.flag(name, "use_atan2", use_atan2)
     rms = checks.flag(name, "rms_rescaling", rms_rescaling)
     if checks.flag(name, "normuon_variant", normuon_variant):
-        if eps is None:
-            raise NotImplementedError(f"{name}: eps=None with normuon_variant=True is not implemented yet: pass a number")
         second: tuple = (T.normuon(beta2, eps),)
         atan2 = False  # the reference ignores use_atan2 with NorMuon
     else:

@@ -41,6 +41,7 @@ from .._core import checks
 from .._core import foreach as F
 from .._core.transform import HParam, HostView, StateSpec, Transform
 from . import low_rank
+from .normalize import _scale_invariant_eps
 from .sign_family import key_halves
 
 #: Keller Jordan's quintic Newton-Schulz coefficients (adv_optm's ``ns_coeffs`` default)
@@ -343,8 +344,9 @@ class NorMuon(Transform):
 
     No bias correction (as adv_optm and the paper). Follow it with :func:`muon_scale` (the paper's
     ``0.2 * sqrt(rows*cols) / ||O||``). Defaults are Muon_adv's ``beta2_normuon=0.95``,
-    ``normuon_eps=1e-8`` (AdaMuon_adv passes its ``betas[1]`` and ``eps``). A 1-D tensor is one row.
-    State ``"normuon/v"`` of shape ``(rows,)``.
+    ``normuon_eps=1e-8`` (AdaMuon_adv passes its ``betas[1]`` and ``eps``). ``eps=None`` is the
+    scale-invariant ``1/sqrt(N)`` of the whole tensor (as :func:`eps_divide`'s; adv_optm's NorMuon
+    crashes on ``eps=None``). A 1-D tensor is one row. State ``"normuon/v"`` of shape ``(rows,)``.
 
     >>> import adv_chain as ac
     >>> ac.chain(ac.muon_momentum(), ac.newton_schulz(), ac.normuon(), ac.muon_scale(), ac.apply()).names
@@ -355,24 +357,34 @@ class NorMuon(Transform):
     default_name = "normuon"
     stage = "normalize"
     scope = "tensor"
-    hparams = {"beta2": HParam(None, checks.unit_interval), "eps": HParam(None, checks.nonneg)}
+    hparams = {"beta2": HParam(None, checks.unit_interval),
+               "eps": HParam(None, lambda owner, arg, value: None if value is None else checks.nonneg(owner, arg, value))}
 
-    def __init__(self, beta2: float = 0.95, eps: float = 1e-8, *, name: str | None = None) -> None:
+    def __init__(self, beta2: float = 0.95, eps: float | None = 1e-8, *, name: str | None = None) -> None:
         super().__init__(name=name, beta2=beta2, eps=eps)
 
     def state_specs(self, param: torch.Tensor, hp: Any) -> dict[str, StateSpec]:
-        return {"v": StateSpec(kind="nonneg", build=lambda p: torch.zeros(
+        specs = {"v": StateSpec(kind="nonneg", build=lambda p: torch.zeros(
             _rows(p), dtype=torch.float32, device=p.device))}
+        if hp["eps"] is None:
+            specs["auto_eps"] = StateSpec(scalar=True, build=_scale_invariant_eps)
+        return specs
 
     def host_scalars(self, h: HostView) -> dict[str, Any]:
-        return {"one_minus_beta2": 1.0 - h.hp["beta2"], "eps": h.hp["eps"]}
+        eps = h.hp["eps"]
+        return {"one_minus_beta2": 1.0 - h.hp["beta2"], "eps": 0.0 if eps is None else eps, "auto_eps": eps is None}
+
+    static_scalars = frozenset({"auto_eps"})
 
     def update(self, b: Any) -> None:
         v = b.state("v")
         mats = [matrix_view(x) for x in b.u]
         F.lerp_(v, [torch.mean(o.square(), dim=1, dtype=torch.float32) for o in mats], b.s("one_minus_beta2"))
         denom = torch._foreach_sqrt(v)
-        F.add_scalar_(denom, b.s("eps"))
+        if b.s("auto_eps"):
+            torch._foreach_add_(denom, b.state("auto_eps"))
+        else:
+            F.add_scalar_(denom, b.s("eps"))
         b.set_u([(o / d.unsqueeze(1)).view(x.shape) for o, d, x in zip(mats, denom, b.u)])
 
 
