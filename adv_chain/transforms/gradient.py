@@ -119,6 +119,10 @@ class AddL2(Transform):
 
 
 _SLICE = 1 << 18  # elements per slice of orthograd's reduction
+# orthograd takes ||o||^2 = <g,g> - 2 rho <w,g> + rho^2 <w,w> from the dot products when it is at least
+# this fraction of <g,g> (cos^2(w, g) <= 15/16: the fp32 errors of the dot products grow at most
+# about 60-fold in it); below, g is nearly parallel to w and ||o|| comes from the residue pass
+_ANALYTIC_MIN = 1.0 / 16
 
 
 _ORTHO_MODES = ("flattened", "iterative")
@@ -135,11 +139,17 @@ class Orthograd(Transform):
 
         rho = <w, g> / (<w, w> + 1e-30),   o = g - rho * w,   g' = o * ||g|| / (||o|| + 1e-30)
 
-    It runs as a per-tensor (layer-scope) reduction in two passes (fp32 dot products over slices
-    of 256K elements, summed in fp64): the dot products, then the norm of the fp32 residue
-    ``g - rho*w`` exactly as the update will apply it (so ``||g'|| = ||g||`` holds even when g is
-    parallel to w up to rounding); the update then applies ``g' = s * (g - rho * w)`` elementwise
-    with the per-tensor ``rho`` and ``s``.
+    It runs as a per-tensor (layer-scope) reduction: fp32 dot products ``<w,g>, <w,w>, <g,g>`` over
+    slices of 256K elements, summed in fp64. ``||o||^2`` is ``<g,g> - 2 rho <w,g> + rho^2 <w,w>`` (with
+    the fp32 ``rho`` the update applies) when that is at least ``<g,g> / 16``; otherwise g is nearly
+    parallel to w, the difference cancels (it can reach 0 while the applied fp32 residue does not:
+    the scale would explode), and a second pass takes the norm of the fp32 residue ``g - rho*w``
+    exactly as the update rounds it (so ``||g'|| <= ||g||`` holds even when g is parallel to w up to
+    rounding). On accelerators the choice would need a device sync, so there the second pass always
+    runs. The update then applies ``g' = s * (g - rho * w)`` elementwise with the per-tensor ``rho``
+    and ``s`` (host numbers on the CPU) into a fresh fp32 direction (the gradient is not copied),
+    ``g - rho*w`` rounded as the residue pass rounds it (``rho*w``, then the difference; adv_optm's
+    rounding too).
 
     ``mode="iterative"`` is adv_optm's rank-2 variant (``orthogonal_gradient='iterative'``, spec
     §3.1; not in the paper). On the matrix view ``G, W`` (``rows x rest``, ``m x n``) it alternates
@@ -182,28 +192,27 @@ class Orthograd(Transform):
         return "tensor" if self.args["mode"] == "iterative" else "layer"
 
     def reduce(self, b: Any) -> list[torch.Tensor]:
+        # per tensor: fp32 (rho, -s) (s negated for the update's rounding, see there)
         out = []
         for w, g in zip(b.params, b.u):
             w_flat, g_flat = w.detach().reshape(-1), g.reshape(-1)
-            n = w_flat.numel()
-            sums = torch.zeros(3, dtype=torch.float64, device=g.device)  # <w,g>, <w,w>, <g,g>
-            for i in range(0, n, _SLICE):  # fp32 dot products per slice, summed in fp64
-                ws, gs = w_flat[i:i + _SLICE].float(), g_flat[i:i + _SLICE].float()
-                sums += torch.stack((torch.dot(ws, gs), torch.dot(ws, ws), torch.dot(gs, gs))).double()
-            dot, ww, gg = sums.unbind()
-            rho = (dot / (ww + 1e-30)).float()
-            # ||o|| of the fp32 residue the update will apply (not <g,g> - rho<w,g>, which cancels to 0
-            # when g is parallel to w while the applied fp32 residue does not: the scale would explode)
-            oo = torch.zeros((), dtype=torch.float64, device=g.device)
-            for i in range(0, n, _SLICE):
-                o = g_flat[i:i + _SLICE].float() - rho * w_flat[i:i + _SLICE].float()
-                oo = oo + torch.dot(o, o).double()
-            out.append(torch.stack((rho, (gg.sqrt() / (oo.sqrt() + 1e-30)).float())))
+            dot, ww, gg = _ortho_dots(w_flat, g_flat)
+            if isinstance(dot, float):  # host numbers (CPU, eager): decide per tensor, no sync
+                rho = torch.tensor(dot / (ww + 1e-30), dtype=torch.float32).tolist()  # as the update applies it
+                oo = gg - 2.0 * rho * dot + rho * rho * ww
+                if not oo >= _ANALYTIC_MIN * gg:  # nearly parallel (or not finite): the residue pass
+                    oo = _ortho_residue_norm2(w_flat, g_flat, rho)
+                out.append(torch.tensor((rho, -(math.sqrt(gg) / (math.sqrt(oo) + 1e-30))),
+                                        dtype=torch.float32, device=g.device))
+            else:  # 0-d fp64 device tensors: the residue pass always (choosing would sync)
+                rho = (dot / (ww + 1e-30)).float()
+                oo = _ortho_residue_norm2(w_flat, g_flat, rho)
+                out.append(torch.stack((rho, (gg.sqrt() / (oo.sqrt() + 1e-30)).neg().float())))
         return out
 
     def finalize(self, values: list[torch.Tensor], layer_keys: list[Any],
                  hp: Mapping[str, Any]) -> dict[str, list[torch.Tensor]]:
-        return {"rho": [v[0] for v in values], "scale": [v[1] for v in values]}
+        return {"rho": [v[0] for v in values], "neg_scale": [v[1] for v in values]}
 
     def host_scalars(self, h: HostView) -> dict[str, Any]:
         # a bucket's parameters share their tags (adv_chain._core.tags): vectors for the iterative mode
@@ -213,10 +222,51 @@ class Orthograd(Transform):
         if self.args["mode"] == "iterative":
             b.set_u(_iterative_orthograd(b.params, b.u, b.s("vector_tagged")))
             return
-        u = b.own_u()
-        w = b.params if b.params[0].dtype == torch.float32 else [p.float() for p in b.params]
-        torch._foreach_sub_(u, torch._foreach_mul(w, b.s("rho")))
-        torch._foreach_mul_(u, b.s("scale"))
+        # g' = (-s) * (rho*w - g): the rounding of s * (g - rho*w) (negation is exact) that the residue
+        # pass measured, into a fresh fp32 direction (the gradient is not copied first)
+        rho = [F.host_number(x) for x in b.s("rho")]  # host numbers on the CPU: scalar-list kernels
+        neg_scale = [F.host_number(x) for x in b.s("neg_scale")]
+        if b.params[0].dtype == torch.float32:
+            o = torch._foreach_mul(b.params, rho)
+        else:
+            o = [p.float() for p in b.params]
+            torch._foreach_mul_(o, rho)
+        torch._foreach_sub_(o, b.u)
+        torch._foreach_mul_(o, neg_scale)
+        b.set_u(o)
+
+
+def _ortho_dots(w: torch.Tensor, g: torch.Tensor) -> tuple[Any, Any, Any]:
+    """``<w,g>, <w,w>, <g,g>`` of two flat tensors: fp32 dot products per slice summed in fp64, as
+    Python floats on the CPU in eager mode (reading them is free), else 0-d fp64 tensors."""
+    host = [0.0, 0.0, 0.0]
+    sums = None
+    for i in range(0, w.numel(), _SLICE):
+        ws, gs = w[i:i + _SLICE].float(), g[i:i + _SLICE].float()  # no copies for fp32
+        dots = (torch.dot(ws, gs), torch.dot(ws, ws), torch.dot(gs, gs))
+        first = F.host_number(dots[0])
+        if isinstance(first, float):
+            host[0] += first
+            host[1] += F.host_number(dots[1])
+            host[2] += F.host_number(dots[2])
+        else:
+            part = torch.stack(dots).double()
+            sums = part if sums is None else sums + part
+    if sums is None:
+        return host[0], host[1], host[2]
+    return sums[0], sums[1], sums[2]
+
+
+def _ortho_residue_norm2(w: torch.Tensor, g: torch.Tensor, rho: Any) -> Any:
+    """``||g - rho*w||^2`` of the fp32 residue (rounded as orthograd's update applies it: ``rho*w``,
+    then the difference), fp32 dot products per slice summed in fp64 (a host number when ``rho`` is
+    one)."""
+    oo: Any = 0.0 if isinstance(rho, float) else torch.zeros((), dtype=torch.float64, device=g.device)
+    for i in range(0, w.numel(), _SLICE):
+        o = g[i:i + _SLICE].float() - rho * w[i:i + _SLICE].float()
+        d = torch.dot(o, o)
+        oo = oo + (F.host_number(d) if isinstance(rho, float) else d.double())
+    return oo
 
 
 def _is_vector(p: torch.Tensor, tagged: bool = False) -> bool:
