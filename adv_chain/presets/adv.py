@@ -41,7 +41,8 @@ def gradient_stage(preset: str, orthogonal_gradient: Any) -> tuple[Transform, ..
                          "'iterative' or (legacy) a bool")
     if orthogonal_gradient == "iterative":
         return (T.orthograd(mode="iterative"),)
-    return (T.orthograd(),) if orthogonal_gradient in ("flattened", True) else ()
+    # per_rank=False: adv_optm projects a LoRA/OFT factor as one vector
+    return (T.orthograd(per_rank=False),) if orthogonal_gradient in ("flattened", True) else ()
 
 
 def direction_mask(preset: str, cautious_mask: bool, grams_moment: bool,

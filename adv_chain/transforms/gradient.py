@@ -13,6 +13,9 @@ import torch
 from .._core import checks
 from .._core import foreach as F
 from .._core.transform import HParam, HostView, Transform
+from .hyper import _laid_out, stat_axis
+
+_RANK_TAGS = frozenset({"lora_A", "lora_B", "oft"})  # each row / column is a rank (an OFT block)
 
 
 def squared_norms(xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -168,6 +171,13 @@ class Orthograd(Transform):
     ``is_vector``/``_is_dora_scale`` attributes), use the flattened formula. This mode needs whole tensors, so it is a tensor-scope transform (a
     segment of its own); it computes in fp32, with same-shaped tensors stacked into one batch.
 
+    LoRA and OFT factors (``per_rank=True``, the default; parameters tagged ``lora_A``, ``oft``: each
+    row, ``lora_B``: each column, see :mod:`adv_chain._core.tags`) get one projection per rank (OFT
+    block): ``rho``, ``o`` and the restored norm are taken over that row or column, so each rank's
+    update is orthogonal to its own weights and keeps its own gradient norm (a DoRA scale, and an
+    adapter with fewer than two dimensions, stays one vector). adv_optm projects every tensor as one
+    vector; its drop-ins pass ``per_rank=False``.
+
     Neither mode writes the user's ``p.grad``.
 
     >>> import adv_chain as ac
@@ -182,8 +192,9 @@ class Orthograd(Transform):
     stage = "gradient"
     reads = frozenset({"update", "param"})
 
-    def __init__(self, mode: str = "flattened", *, name: str | None = None) -> None:
-        super().__init__(name=name, mode=checks.choice(self.type_name, "mode", mode, _ORTHO_MODES))
+    def __init__(self, mode: str = "flattened", per_rank: bool = True, *, name: str | None = None) -> None:
+        extra = {} if checks.flag(self.type_name, "per_rank", per_rank) else {"per_rank": False}
+        super().__init__(name=name, mode=checks.choice(self.type_name, "mode", mode, _ORTHO_MODES), **extra)
 
     @property
     def scope(self) -> str:  # type: ignore[override]
@@ -192,9 +203,15 @@ class Orthograd(Transform):
         return "tensor" if self.args["mode"] == "iterative" else "layer"
 
     def reduce(self, b: Any) -> list[torch.Tensor]:
-        # per tensor: fp32 (rho, -s) (s negated for the update's rounding, see there)
+        # per tensor: fp32 (rho, -s) (s negated for the update's rounding, see there); per rank for
+        # a tagged adapter: (2, *shape), rho and -s of each row / column expanded over it
         out = []
+        tags = b.s("adapter_tags")
         for w, g in zip(b.params, b.u):
+            axis = stat_axis(tuple(w.shape), tags) if tags else None
+            if axis is not None:
+                out.append(_per_rank_values(w.detach(), g, axis))
+                continue
             w_flat, g_flat = w.detach().reshape(-1), g.reshape(-1)
             dot, ww, gg = _ortho_dots(w_flat, g_flat)
             if isinstance(dot, float):  # host numbers (CPU, eager): decide per tensor, no sync
@@ -215,8 +232,13 @@ class Orthograd(Transform):
         return {"rho": [v[0] for v in values], "neg_scale": [v[1] for v in values]}
 
     def host_scalars(self, h: HostView) -> dict[str, Any]:
-        # a bucket's parameters share their tags (adv_chain._core.tags): vectors for the iterative mode
-        return {"vector_tagged": bool(h.hp.get("tags", frozenset()) & {"vector", "dora_scale"})}
+        # a bucket's parameters share their tags (adv_chain._core.tags): vectors for the iterative
+        # mode, LoRA/OFT factors for the per-rank projection
+        tags = h.hp.get("tags", frozenset())
+        ranks = tags & _RANK_TAGS if h.hp.get("per_rank", True) and h.hp["mode"] == "flattened" else frozenset()
+        return {"vector_tagged": bool(tags & {"vector", "dora_scale"}), "adapter_tags": frozenset(ranks)}
+
+    static_scalars = frozenset({"vector_tagged", "adapter_tags"})
 
     def update(self, b: Any) -> None:
         if self.args["mode"] == "iterative":
@@ -224,6 +246,15 @@ class Orthograd(Transform):
             return
         # g' = (-s) * (rho*w - g): the rounding of s * (g - rho*w) (negation is exact) that the residue
         # pass measured, into a fresh fp32 direction (the gradient is not copied first)
+        if any(x.dim() for x in b.s("rho")):  # per-rank values of an adapter: one tensor at a time
+            offsets = b.offsets if b.offsets is not None else [0] * len(b.params)
+            out = []
+            for p, g, r, ns, off in zip(b.params, b.u, b.s("rho"), b.s("neg_scale"), offsets):
+                r, ns = (F.host_number(r), F.host_number(ns)) if r.dim() == 0 else (
+                    _laid_out(r, g, off), _laid_out(ns, g, off))
+                out.append(torch.mul(p.float(), r).sub_(g).mul_(ns))
+            b.set_u(out)
+            return
         rho = [F.host_number(x) for x in b.s("rho")]  # host numbers on the CPU: scalar-list kernels
         neg_scale = [F.host_number(x) for x in b.s("neg_scale")]
         if b.params[0].dtype == torch.float32:
@@ -234,6 +265,23 @@ class Orthograd(Transform):
         torch._foreach_sub_(o, b.u)
         torch._foreach_mul_(o, neg_scale)
         b.set_u(o)
+
+
+def _per_rank_values(w: torch.Tensor, g: torch.Tensor, axis: int) -> torch.Tensor:
+    """OrthoGrad's ``(rho, -s)`` for each row (``axis=0``: LoRA A, OFT blocks) or column (``axis=1``:
+    LoRA B) of an adapter, the other dimensions reduced (fp64 sums; the residue norm of the fp32
+    residue as the update rounds it), expanded to ``(2, *w.shape)``."""
+    dims = tuple(d for d in range(w.dim()) if d != axis)
+    w32, g32 = w.float(), g.float()
+
+    def total(x: torch.Tensor) -> torch.Tensor:
+        return x.sum(dim=dims, keepdim=True, dtype=torch.float64)
+
+    dot, ww, gg = total(w32 * g32), total(w32 * w32), total(g32 * g32)
+    rho = (dot / (ww + 1e-30)).float()
+    o = g32 - rho * w32
+    neg_scale = -(gg.sqrt() / (total(o * o).sqrt() + 1e-30))
+    return torch.stack((rho, neg_scale.float())).expand(2, *w.shape)
 
 
 def _ortho_dots(w: torch.Tensor, g: torch.Tensor) -> tuple[Any, Any, Any]:
