@@ -9,7 +9,7 @@ from .._core import checks
 from .._core.transform import Transform
 
 _RESCALES = ("paper", "mean", "none")
-_EXACT = 1 << 24  # fp32 counts integers exactly up to here
+_COUNT_PIECE = 1 << 18  # elements counted per fp32 sum (exact: below 2^24)
 
 
 def _agreement(u: list[torch.Tensor], g: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -73,11 +73,12 @@ class Cautious(Transform):
     def reduce(self, b: Any) -> list[torch.Tensor]:
         out = []
         for u in b.u:  # the direction is masked already (prepare): its non-zeros are the kept coordinates
-            # |sign(u)| summed in fp32 (~20x faster than count_nonzero on CPU), over pieces of at most
-            # 2^24 elements so every partial count is exact
+            # |sign(u)| summed in fp32 (~20x faster than count_nonzero on CPU) over cache-sized pieces
+            # (exact: far below 2^24; the temporaries stay small even when u is a whole tensor, as
+            # under compile=True), the piece counts added in fp64
             flat = u.reshape(-1)
-            count = sum(torch.sign(flat[i:i + _EXACT]).abs_().sum(dtype=torch.float32)
-                        for i in range(0, max(1, flat.numel()), _EXACT))
+            count = sum(torch.sign(flat[i:i + _COUNT_PIECE]).abs_().sum(dtype=torch.float32).double()
+                        for i in range(0, max(1, flat.numel()), _COUNT_PIECE)).float()
             out.append(torch.stack((count, torch.full_like(count, float(u.numel())))))
         return out
 
