@@ -62,7 +62,8 @@ class FactoredCodec:
         r0, r1 = self._rows(i, cut)
         zero = self.zero[i] if self.zero is not None and self.zero[i].numel() else None
         decompress_rows(out.view(r1 - r0, -1), self.row[i][r0:r1], self.col[i],
-                        None if self.sign is None else self.sign[i][r0:r1], None if zero is None else zero[r0:r1])
+                        None if self.sign is None else self.sign[i][r0:r1], None if zero is None else zero[r0:r1],
+                        self.scratch)
 
     def store(self, i: int, cut: Any, x: torch.Tensor) -> None:
         row, col = self.row[i], self.col[i]
@@ -126,11 +127,20 @@ class LowPrecisionCodec:
         q = self.q[i].view(-1)[start:end]
         offset = (0 if self.b.offsets is None else self.b.offsets[i]) + start
         key = self.host_key ^ tensor_key(self.b, i)
+        dead = self._dead(x)
         if self.scale is None:
-            round_into(q, x, offset, key, self.scratch)
+            round_into(q, x, offset, key, self.scratch, consume=dead)
         else:
             blocks = self.scale[i][start // self.block:start // self.block + -(-(end - start) // self.block)]
-            quantize_range(x, self.q[i].dtype == torch.int8, self.block, offset, key, q, blocks, self.scratch)
+            quantize_range(x, self.q[i].dtype == torch.int8, self.block, offset, key, q, blocks, self.scratch,
+                           consume=dead)
+
+    def _dead(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` lies in one of :func:`run_sliced`'s chunk buffers (``state:*`` in this
+        thread's pool): the encoder may then work in it. Nothing reads such a buffer after its
+        chunk's stores (the next chunk overwrites it), and one the direction or a signal keeps is
+        dropped from the pool before the stores; a parameter-sized temporary is never pooled."""
+        return self.scratch.holds("state:", x)
 
     def finish(self, i: int) -> None:
         pass

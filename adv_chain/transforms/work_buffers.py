@@ -1,0 +1,46 @@
+"""Reusable work buffers for the state codecs and wrappers (:mod:`adv_chain.transforms.state_codecs`,
+:mod:`adv_chain.transforms.low_precision`, :mod:`adv_chain.transforms.state_slices`)."""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+
+class Scratch:
+    """Reusable work buffers (one per name, grown as needed): an op writing into memory that is
+    still in cache costs a fraction of one writing a fresh allocation (and a fresh allocation of a
+    few MB costs page faults). :func:`scratch` keeps one per thread; a buffer handed on (to the
+    direction) is :meth:`drop`-ped."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[Any, torch.Tensor] = {}
+
+    def get(self, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, dtype, device)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            self._bufs.pop(key, None)
+            buf = self._bufs[key] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n]
+
+    def drop(self, name: str, dtype: torch.dtype, device: torch.device) -> None:
+        self._bufs.pop((name, dtype, device), None)
+
+    def holds(self, prefix: str, x: torch.Tensor) -> bool:
+        """Whether ``x`` lies in one of this pool's buffers named ``prefix...``."""
+        ptr = x.untyped_storage().data_ptr()
+        return any(name.startswith(prefix) and buf.untyped_storage().data_ptr() == ptr
+                   for (name, _, _), buf in self._bufs.items())
+
+
+_LOCAL = threading.local()
+
+
+def scratch() -> Scratch:
+    """This thread's work buffers (a few MB at most: slices, never whole tensors)."""
+    s = getattr(_LOCAL, "scratch", None)
+    if s is None:
+        s = _LOCAL.scratch = Scratch()
+    return s
