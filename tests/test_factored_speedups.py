@@ -235,3 +235,26 @@ def test_optimizer_steps_match_previous_codec(make, monkeypatch):
         for key, value in old_state[i].items():
             if isinstance(value, torch.Tensor):
                 assert _same(new_state[i][key], value), (i, key)
+
+
+def test_pooled_denominator_gives_the_same_bits(monkeypatch):
+    """In a state wrapper's chunk that runs the terminal, Adam's sqrt(v) goes into a reused work
+    buffer (adv_chain._core.foreach.sqrt with a pool); the numbers are those of fresh tensors."""
+    from adv_chain._core import foreach
+
+    def run():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in [(300, 1000), (64,), (17, 5)]]
+        opt = ac.optim.AdamW_adv(ps, lr=1e-2, factored_2nd=True, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach().clone() for p in ps]
+
+    pooled = run()
+    monkeypatch.setattr(foreach, "sqrt", lambda xs, pool=None, name="": torch._foreach_sqrt(xs))
+    fresh = run()
+    for a, b in zip(pooled, fresh):
+        assert torch.equal(a, b)

@@ -40,7 +40,7 @@ Tensors = list[torch.Tensor]
 class Bucket:
     __slots__ = ("params", "_u", "_lazy", "grads", "signals", "decay_coef", "decay", "_u_owned", "_states",
                  "_scalars", "_current", "offsets", "noise_keys", "_frozen", "skip_apply",
-                 "_denom_div", "_slices", "_index")
+                 "_denom_div", "_slices", "_index", "pool")
 
     def __init__(self, params: Tensors, u: Tensors, states: Mapping[str, Mapping[str, Tensors]],
                  scalars: Mapping[str, Mapping[str, Any]], *, grads: Tensors | None = None,
@@ -64,6 +64,10 @@ class Bucket:
         self._current = ""
         self.offsets = offsets
         self.noise_keys = noise_keys
+        # work buffers (adv_chain.transforms.work_buffers.Scratch) a transform may write fresh
+        # per-call results into, given when nothing outlives the call (a state wrapper's chunk that
+        # ran the terminal); None: allocate
+        self.pool: Any = None
 
     @property
     def frozen(self) -> bool:

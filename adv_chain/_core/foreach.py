@@ -113,3 +113,19 @@ def clamp_(xs: Tensors, lo: Any, hi: Any) -> None:
     else:
         torch._foreach_clamp_min_(xs, lo)
         torch._foreach_clamp_max_(xs, hi)
+
+
+def sqrt(xs: Tensors, pool: Any = None, name: str = "sqrt") -> Tensors:
+    """``sqrt`` of each tensor: one multi-tensor op into fresh tensors, or with ``pool`` (a
+    :class:`~adv_chain.transforms.work_buffers.Scratch`) into views of one reused buffer (no
+    allocation, no page faults on the fresh memory; valid until the pool's next use of ``name``)."""
+    if pool is None or not xs:
+        return torch._foreach_sqrt(xs)
+    buf = pool.get(name, sum(x.numel() for x in xs), torch.float32, xs[0].device)
+    out, start = [], 0
+    for x in xs:
+        if x.dtype != torch.float32:
+            return torch._foreach_sqrt(xs)
+        out.append(torch.sqrt(x, out=buf[start:start + x.numel()].view(x.shape)))
+        start += x.numel()
+    return out

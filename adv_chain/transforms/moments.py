@@ -162,7 +162,7 @@ class ScaleByAdam(Transform):
             v_max = b.state("max_exp_avg_sq")
             torch._foreach_maximum_(v_max, v)
             v = v_max
-        denom = torch._foreach_sqrt(v)
+        denom = F.sqrt(v, b.pool, "adam:denom")
         if normed is not None:
             torch._foreach_div_(denom, b.s("sqrt_bc2"))
             # normalize a copy of the gradient by the current denominator (never p.grad in place)

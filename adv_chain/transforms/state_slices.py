@@ -217,6 +217,8 @@ def run_sliced(wrapper: Any, b: Any, codecs: dict[str, Any], passing: dict[str, 
         for key, lst in passing.items():
             temps[key] = [lst[i] if c is None else _cut(lst[i], b.params[i], c) for i, c in zip(index, cuts)]
         sub = b.part(index, temps, cuts, rest)
+        if applied:  # the terminal runs on this chunk: nothing the transforms compute outlives it
+            sub.pool = pool
         wrapper.inner.update(sub)
         for t in rest:
             sub.enter(t.name, t.stage)
