@@ -399,8 +399,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             w.next_g = w.full_u if w.full_u is not None else w.grads
             return
         if w.next_g is None:
-            w.next_g = [torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                        for p in w.params]
+            w.next_g = _direction_buffers(w, si, "reference")
         torch._foreach_copy_([cut(w.next_g[i], s, e) for i, s, e in pieces], ref)
 
     def _run_whole(self, si: int, seg: Segment, w: Work) -> None:
@@ -441,15 +440,16 @@ class ChainOptimizer(torch.optim.Optimizer):
         return f"ChainOptimizer(lr={self.defaults['lr']}, chain={self.chain!r})"
 
 
-def _direction_buffers(w: Work, si: int) -> list[torch.Tensor]:
-    """fp32 tensors shaped like ``w.params`` for the direction segment ``si`` materializes: views
-    of the step's pooled buffer for that segment when ``w`` is part of a pipelined step (allocated
-    once per step, at the largest part's size), else fresh tensors."""
+def _direction_buffers(w: Work, si: int, kind: str = "direction") -> list[torch.Tensor]:
+    """fp32 tensors shaped like ``w.params`` for the direction (or the reference gradient, ``kind``)
+    segment ``si`` materializes: views of the step's pooled buffer for that segment and kind when
+    ``w`` is part of a pipelined step (allocated once per step, at the largest part's size), else
+    fresh tensors."""
     fresh = [p.is_contiguous() and w.pool is not None for p in w.params]
     need = sum(p.numel() for p, pooled in zip(w.params, fresh) if pooled)
     buf = None
     if need:
-        key = (si, w.params[0].device)
+        key = (si, kind, w.params[0].device)
         buf = w.pool.get(key)
         if buf is None or buf.numel() < need:
             buf = w.pool[key] = torch.empty(need, dtype=torch.float32, device=w.params[0].device)
