@@ -13,8 +13,8 @@ from .compile import ScalarCache, layout_and_tensors, make_kernel, noise_key_ten
 from .numerics import noise_key
 from .barrier import run_barrier, run_barrier_lagged
 from . import distributed
-from .plan import (Segment, Work, accumulation_transforms, build_plan, flat_view, pipelines, segment_body,
-                   split_work)
+from .plan import (Segment, Work, accumulation_transforms, build_plan, flat_view, materialized_buffers, pipelines,
+                   segment_body, split_work)
 from .tags import param_tags, route_tags, with_tags
 from .state import STATE_DTYPES, allocate_state, match_checkpoint, restore_saved_state, state_specs
 from .transform import HostView, StateSpec, Transform
@@ -391,7 +391,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                     out: tuple[list[torch.Tensor], Any]) -> None:
         u, ref = out
         if w.next_u is None:
-            w.next_u = _direction_buffers(w, si)
+            w.next_u = materialized_buffers(w, si)
         torch._foreach_copy_([cut(w.next_u[i], s, e) for i, s, e in pieces], u)
         if ref is None:
             return
@@ -399,7 +399,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             w.next_g = w.full_u if w.full_u is not None else w.grads
             return
         if w.next_g is None:
-            w.next_g = _direction_buffers(w, si, "reference")
+            w.next_g = materialized_buffers(w, si, "reference")
         torch._foreach_copy_([cut(w.next_g[i], s, e) for i, s, e in pieces], ref)
 
     def _run_whole(self, si: int, seg: Segment, w: Work) -> None:
@@ -438,26 +438,3 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"ChainOptimizer(lr={self.defaults['lr']}, chain={self.chain!r})"
-
-
-def _direction_buffers(w: Work, si: int, kind: str = "direction") -> list[torch.Tensor]:
-    """fp32 tensors shaped like ``w.params`` for the direction (or the reference gradient, ``kind``)
-    segment ``si`` materializes: views of the step's pooled buffer for that segment and kind when
-    ``w`` is part of a pipelined step (allocated once per step, at the largest part's size), else
-    fresh tensors."""
-    fresh = [p.is_contiguous() and w.pool is not None for p in w.params]
-    need = sum(p.numel() for p, pooled in zip(w.params, fresh) if pooled)
-    buf = None
-    if need:
-        key = (si, kind, w.params[0].device)
-        buf = w.pool.get(key)
-        if buf is None or buf.numel() < need:
-            buf = w.pool[key] = torch.empty(need, dtype=torch.float32, device=w.params[0].device)
-    out, start = [], 0
-    for p, pooled in zip(w.params, fresh):
-        if pooled:
-            out.append(buf[start:start + p.numel()].view(p.shape))
-            start += p.numel()
-        else:
-            out.append(torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format))
-    return out

@@ -189,6 +189,29 @@ def pipelines(plan: tuple[Segment, ...]) -> bool:
             and all(per_tensor_reduction(t) for t in barriers))
 
 
+def materialized_buffers(w: Work, si: int, kind: str = "direction") -> list[torch.Tensor]:
+    """fp32 tensors shaped like ``w.params`` for what segment ``si`` materializes (the direction, or
+    ``kind="reference"``: the reference gradient): views of one buffer per segment and kind in the
+    step's pool when ``w`` is part of a pipelined step (allocated at the largest part's size, then
+    reused by every part), else fresh tensors. Non-contiguous parameters always get fresh ones."""
+    pooled = [w.pool is not None and p.is_contiguous() for p in w.params]
+    need = sum(p.numel() for p, own in zip(w.params, pooled) if own)
+    buf = None
+    if need:
+        key = (si, kind, w.params[0].device)
+        buf = w.pool.get(key)
+        if buf is None or buf.numel() < need:
+            buf = w.pool[key] = torch.empty(need, dtype=torch.float32, device=w.params[0].device)
+    out, start = [], 0
+    for p, own in zip(w.params, pooled):
+        if own:
+            out.append(buf[start:start + p.numel()].view(p.shape))
+            start += p.numel()
+        else:
+            out.append(torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format))
+    return out
+
+
 def split_work(w: Work, budget: int) -> list[Work]:
     """``w`` as consecutive parts of whole tensors of about ``budget`` elements (at least one
     tensor each); each part carries its tensors' states, scalars and noise keys."""
