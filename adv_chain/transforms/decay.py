@@ -16,7 +16,7 @@ from .._core import checks
 from .._core import foreach as F
 from .._core.tags import ADAPTER_TAGS
 from .._core.transform import HParam, HostView, StateSpec, Transform
-from .normalize import _scale_invariant_eps
+from .normalize import _eps_or_none, auto_eps_specs, eps_operand, eps_scalars
 
 Tensors = list[torch.Tensor]
 
@@ -315,8 +315,7 @@ class FisherWD(Transform):
     stage = "decay"
     reads = frozenset({"param", "sig:denom"})
     writes = frozenset({"sig:wd_scale"})
-    hparams = {"eps": HParam("eps", lambda owner, arg, value: None if value is None
-                             else checks.nonneg(owner, arg, value))}
+    hparams = {"eps": HParam("eps", _eps_or_none)}
 
     def __init__(self, eps: float | None = 1e-8, atan2: bool = False, *, name: str | None = None) -> None:
         super().__init__(name=name, eps=eps, atan2=checks.flag(self.type_name, "atan2", atan2))
@@ -326,13 +325,10 @@ class FisherWD(Transform):
         return "elementwise" if self.args["atan2"] else "tensor"
 
     def state_specs(self, param: torch.Tensor, hp: Any) -> dict[str, StateSpec]:
-        if hp["eps"] is None and not hp["atan2"]:  # adv_optm's scale-invariant 1/sqrt(N), as eps_divide's
-            return {"auto_eps": StateSpec(scalar=True, build=_scale_invariant_eps)}
-        return {}
+        return {} if hp["atan2"] else auto_eps_specs(hp["eps"])
 
     def host_scalars(self, h: HostView) -> dict[str, Any]:
-        eps = h.hp["eps"]
-        return {"eps": 0.0 if eps is None else eps, "auto_eps": eps is None, "atan2_scale": 4.0 / math.pi}
+        return {**eps_scalars(h.hp["eps"]), "atan2_scale": 4.0 / math.pi}
 
     def update(self, b: Any) -> None:
         denom = b.read_denom()  # read, not consumed: the normalizer after us divides by it
@@ -341,8 +337,7 @@ class FisherWD(Transform):
             s = [torch.atan2(d.new_ones(()), d) for d in denom]
             torch._foreach_mul_(s, b.s("atan2_scale"))
         else:
-            eps = b.state("auto_eps") if b.s("auto_eps") else b.s("eps")
-            s = torch._foreach_add(denom, [eps] * len(denom) if F.is_tensor(eps) else eps)
+            s = torch._foreach_add(denom, eps_operand(b, len(denom)))
             torch._foreach_reciprocal_(s)
             norms = torch._foreach_norm(torch._foreach_mul(s, _fp32(b.params)))
             # RMS = ||p * s|| / sqrt(N), clipped below at 1

@@ -9,12 +9,11 @@ import torch
 from .._core import checks
 from .._core import foreach as F
 from .._core.transform import HParam, HostView, StateSpec, Transform
-from .normalize import _scale_invariant_eps
+from .normalize import _eps_or_none, auto_eps_specs, eps_operand, eps_scalars
 
 
 _ADAM_HPARAMS = {"betas": HParam("betas", checks.beta_pair), "amsgrad": HParam("amsgrad", checks.flag)}
-_ADAM_HPARAMS_EPS = {**_ADAM_HPARAMS, "eps": HParam("eps", lambda owner, arg, value: None if value is None
-                                                      else checks.nonneg(owner, arg, value))}
+_ADAM_HPARAMS_EPS = {**_ADAM_HPARAMS, "eps": HParam("eps", _eps_or_none)}
 _NORMED_MODES = (None, "eps", "atan2")
 
 
@@ -101,7 +100,7 @@ class ScaleByAdam(Transform):
                          bias_correction=checks.flag(self.type_name, "bias_correction", bias_correction),
                          nesterov=checks.flag(self.type_name, "nesterov", nesterov), nesterov_coef=nesterov_coef,
                          normed_momentum=normed_momentum,
-                         eps=None if eps is None else checks.nonneg(self.type_name, "eps", eps), **extra)
+                         eps=_eps_or_none(self.type_name, "eps", eps), **extra)
 
     @property
     def hparams(self) -> Mapping[str, HParam]:  # type: ignore[override]
@@ -123,8 +122,8 @@ class ScaleByAdam(Transform):
 
     def state_specs(self, param: torch.Tensor, hp: dict[str, Any]) -> dict[str, StateSpec]:
         specs = {"exp_avg_sq": StateSpec(kind="nonneg", factorable=True)}
-        if hp["normed_momentum"] == "eps" and hp["eps"] is None:
-            specs["auto_eps"] = StateSpec(scalar=True, build=_scale_invariant_eps)
+        if hp["normed_momentum"] == "eps":
+            specs.update(auto_eps_specs(hp["eps"]))
         if hp["betas"][0] != 0:
             specs["exp_avg"] = StateSpec(kind="signed", factorable=True)
         if hp["amsgrad"]:
@@ -141,7 +140,7 @@ class ScaleByAdam(Transform):
                 "m_scale": a / bc1, "bc1": bc1, "sqrt_bc2": math.sqrt(bc2), "amsgrad": h.hp["amsgrad"],
                 "first_moment": b1 != 0, "nesterov": h.hp["nesterov"] and b1 != 0,
                 "nesterov_m": a * c / bc1, "nesterov_g": a * (1.0 - c) / bc1, "normed_scale": a,
-                "eps": 0.0 if h.hp["eps"] is None else h.hp["eps"], "auto_eps": h.hp["eps"] is None}
+                **eps_scalars(h.hp["eps"])}
 
     static_scalars = frozenset({"amsgrad", "first_moment", "nesterov", "auto_eps"})
 
@@ -171,9 +170,7 @@ class ScaleByAdam(Transform):
             if normed == "atan2":  # torch has no multi-tensor atan2: one op per tensor (fused under compile)
                 g = [torch.atan2(x, d) for x, d in zip(g, denom)]
             else:
-                eps = b.state("auto_eps") if b.s("auto_eps") else b.s("eps")
-                if F.is_tensor(eps):  # (the 0-d tensor overload of _foreach_add would sync to the host)
-                    eps = [eps] * len(denom)
+                eps = eps_operand(b, len(denom))
                 if self.args.get("publish_denom"):  # D stays published: divide by a copy with eps
                     g = torch._foreach_div(g, torch._foreach_add(denom, eps))
                 else:

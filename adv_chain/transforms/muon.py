@@ -41,7 +41,7 @@ from .._core import checks
 from .._core import foreach as F
 from .._core.transform import HParam, HostView, StateSpec, Transform
 from . import low_rank
-from .normalize import _scale_invariant_eps
+from .normalize import _eps_or_none, auto_eps_specs, eps_operand, eps_scalars
 from .sign_family import key_halves
 
 #: Keller Jordan's quintic Newton-Schulz coefficients (adv_optm's ``ns_coeffs`` default)
@@ -358,7 +358,7 @@ class NorMuon(Transform):
     stage = "normalize"
     scope = "tensor"
     hparams = {"beta2": HParam(None, checks.unit_interval),
-               "eps": HParam(None, lambda owner, arg, value: None if value is None else checks.nonneg(owner, arg, value))}
+               "eps": HParam(None, _eps_or_none)}
 
     def __init__(self, beta2: float = 0.95, eps: float | None = 1e-8, *, name: str | None = None) -> None:
         super().__init__(name=name, beta2=beta2, eps=eps)
@@ -366,13 +366,10 @@ class NorMuon(Transform):
     def state_specs(self, param: torch.Tensor, hp: Any) -> dict[str, StateSpec]:
         specs = {"v": StateSpec(kind="nonneg", build=lambda p: torch.zeros(
             _rows(p), dtype=torch.float32, device=p.device))}
-        if hp["eps"] is None:
-            specs["auto_eps"] = StateSpec(scalar=True, build=_scale_invariant_eps)
-        return specs
+        return {**specs, **auto_eps_specs(hp["eps"])}
 
     def host_scalars(self, h: HostView) -> dict[str, Any]:
-        eps = h.hp["eps"]
-        return {"one_minus_beta2": 1.0 - h.hp["beta2"], "eps": 0.0 if eps is None else eps, "auto_eps": eps is None}
+        return {"one_minus_beta2": 1.0 - h.hp["beta2"], **eps_scalars(h.hp["eps"])}
 
     static_scalars = frozenset({"auto_eps"})
 
@@ -381,10 +378,7 @@ class NorMuon(Transform):
         mats = [matrix_view(x) for x in b.u]
         F.lerp_(v, [torch.mean(o.square(), dim=1, dtype=torch.float32) for o in mats], b.s("one_minus_beta2"))
         denom = torch._foreach_sqrt(v)
-        if b.s("auto_eps"):
-            torch._foreach_add_(denom, b.state("auto_eps"))
-        else:
-            F.add_scalar_(denom, b.s("eps"))
+        torch._foreach_add_(denom, eps_operand(b, len(denom)))
         b.set_u([(o / d.unsqueeze(1)).view(x.shape) for o, d, x in zip(mats, denom, b.u)])
 
 

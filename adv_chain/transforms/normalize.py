@@ -19,6 +19,29 @@ def _scale_invariant_eps(p: torch.Tensor) -> torch.Tensor:
     return torch.tensor(1.0 / math.sqrt(max(1, p.numel())), dtype=torch.float32, device=p.device)
 
 
+# adv_optm's eps=None (spec §4.5), shared by every transform that adds an epsilon: the per-tensor
+# 1/sqrt(N) is a 0-d state "<name>/auto_eps" built from the whole parameter (a slice or an FSDP
+# shard sees the same value); the transform's host scalars say which of the two applies
+def auto_eps_specs(eps: Any) -> dict[str, StateSpec]:
+    """The state of a transform whose epsilon ``eps`` may be ``None`` (scale invariant)."""
+    return {"auto_eps": StateSpec(scalar=True, build=_scale_invariant_eps)} if eps is None else {}
+
+
+def eps_scalars(eps: Any) -> dict[str, Any]:
+    """Host scalars ``eps`` (0 when automatic) and the static ``auto_eps`` flag."""
+    return {"eps": 0.0 if eps is None else eps, "auto_eps": eps is None}
+
+
+def eps_operand(b: Any, n: int) -> Any:
+    """What to add to ``n`` tensors for the calling transform's epsilon: its per-tensor 1/sqrt(N)
+    states, a list of its 0-d tensor eps (the 0-d overload of ``_foreach_add`` syncs to the host),
+    or its number."""
+    if b.s("auto_eps"):
+        return b.state("auto_eps")
+    eps = b.s("eps")
+    return [eps] * n if F.is_tensor(eps) else eps
+
+
 class EpsDivide(Transform):
     """``u = u / (denom + eps)``: consumes the ``denom`` a moment transform published (Adam's).
 
@@ -44,18 +67,15 @@ class EpsDivide(Transform):
         super().__init__(name=name, eps=eps)
 
     def state_specs(self, param: torch.Tensor, hp: Any) -> dict[str, StateSpec]:
-        if hp["eps"] is None:
-            return {"auto_eps": StateSpec(scalar=True, build=_scale_invariant_eps)}
-        return {}
+        return auto_eps_specs(hp["eps"])
 
     def host_scalars(self, h: HostView) -> dict[str, Any]:
-        eps = h.hp["eps"]
-        return {"eps": 0.0 if eps is None else eps, "auto_eps": eps is None}
+        return eps_scalars(h.hp["eps"])
 
     def update(self, b: Any) -> None:
         if b.s("auto_eps"):
             denom = b.take_denom()
-            torch._foreach_add_(denom, b.state("auto_eps"))
+            torch._foreach_add_(denom, eps_operand(b, len(denom)))
             b.divide_u_(denom)
         else:
             b.divide_u_by_denom_(b.s("eps"))

@@ -27,6 +27,7 @@ from .._core import checks
 from .._core import foreach as F
 from .._core.transform import HParam, HostView, StateSpec, Transform, transform_from_config
 from .decay import FisherWD
+from .normalize import _eps_or_none, auto_eps_specs, eps_scalars
 from .prodigy_sums import (  # noqa: F401 - the state builders and helpers, importable from here too
     _REDUCE_SLICE, _add_scaled_, _build_p0, _build_s, _sliced, _state_dtype, reduce_sums)
 
@@ -40,15 +41,6 @@ _STATIC = frozenset({"lr_on", "first_moment", "nesterov", "use_atan2", "adapting
 
 def _beta3(owner: str, arg: str, value: Any) -> Any:
     return None if value is None else checks.unit_interval(owner, arg, value)
-
-
-def _eps(owner: str, arg: str, value: Any) -> Any:
-    return None if value is None else checks.nonneg(owner, arg, value)
-
-
-def _scale_invariant_eps(p: torch.Tensor) -> torch.Tensor:
-    """adv_optm's ``eps=None``: ``1/sqrt(N)`` for a tensor of ``N`` elements (spec §4.5)."""
-    return torch.tensor(1.0 / math.sqrt(max(1, p.numel())), dtype=torch.float32, device=p.device)
 
 
 def _kourkoutas(owner: str, value: Any) -> Any:
@@ -136,7 +128,7 @@ class Prodigy(Transform):
     stage = "moment"
     scope = "global"
     reads = frozenset({"update", "param"})
-    hparams = {"betas": HParam("betas", checks.beta_pair), "eps": HParam("eps", _eps),
+    hparams = {"betas": HParam("betas", checks.beta_pair), "eps": HParam("eps", _eps_or_none),
                "beta3": HParam("beta3", _beta3), "d_coef": HParam("d_coef", checks.positive),
                "growth_rate": HParam("growth_rate", checks.positive)}
     group_mirrors = {"d": "d"}
@@ -199,8 +191,7 @@ class Prodigy(Transform):
             specs["exp_avg"] = StateSpec(kind="signed", factorable=True)
         specs["s"] = StateSpec(kind="signed", build=functools.partial(_build_s, slice_p=slice_p))
         specs["p0"] = StateSpec(kind="signed", build=functools.partial(_build_p0, slice_p=slice_p))
-        if hp["eps"] is None:
-            specs["auto_eps"] = StateSpec(scalar=True, build=_scale_invariant_eps)
+        specs.update(auto_eps_specs(hp["eps"]))
         if self.args["kourkoutas"] is not None:
             specs.update(self.args["kourkoutas"].state_specs(param, self._kb_hp(hp)))
         return specs
@@ -224,7 +215,7 @@ class Prodigy(Transform):
         steps = self.args["prodigy_steps"]
         out = {"lr_on": lr_on, "first_moment": b1 != 0, "nesterov": h.hp["nesterov"] and b1 != 0,
                "use_atan2": h.hp["use_atan2"], "b1": b1, "b2": b2, "beta3": self._beta3_of(h.hp),
-               "eps": 0.0 if h.hp["eps"] is None else h.hp["eps"], "auto_eps": h.hp["eps"] is None,
+               **eps_scalars(h.hp["eps"]),
                "nesterov_c": c, "adapting": steps == 0 or h.step <= steps}
         if self.args["kourkoutas"] is not None:
             out.update(self.args["kourkoutas"].host_scalars(HostView(self._kb_hp(h.hp), h.step, h.lr)))
