@@ -7,26 +7,12 @@ import pytest
 import torch
 
 import adv_chain as ac
+from test_parity_adv_optm import _train  # noqa: E402 - the same 50-step run with a scheduler
 
 
 def layer_by_ndim(p):
     """A top-level function: the chain stores it as 'test_layer_key_fn:layer_by_ndim'."""
     return p.dim()
-
-
-def _train(make, steps=50):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(),
-                                torch.nn.Linear(32, 3))
-    opt = make(list(model.parameters()))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps, cycle_momentum=False)
-    x, y = torch.randn(64, 10), torch.randn(64, 3)
-    for _ in range(steps):
-        opt.zero_grad()
-        (model(x) - y).square().mean().backward()
-        opt.step()
-        sched.step()
-    return [p.detach().clone() for p in model.parameters()]
 
 
 KEY_FNS = {"ndim": layer_by_ndim, "one_layer": lambda p: "all", "per_tensor": id}
