@@ -125,3 +125,33 @@ def test_a_pipelined_step_gives_the_numbers_of_a_whole_step(chain):
         runs.append([p.detach().clone() for p in params])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("chain", [
+    lambda: ac.presets.adamw_adv(cautious_mask=True, weight_decay=0.1),
+    lambda: ac.chain(ac.orthograd(), ac.scale_by_adam(), ac.eps_divide(), ac.cautious(), ac.apply()),
+])
+def test_a_compiled_pipelined_step_writes_the_direction_in_place_and_counts_in_the_kernel(chain):
+    """compile=True: the kernel before cautious's barrier writes the direction into buffers kept
+    across steps (one storage per tensor) and returns the count itself; the numbers are the eager
+    step's."""
+    runs, kept = [], None
+    for compile in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(64, 48), (48,), (3000,), (7, 5, 3), (2048,)]]
+        opt = ac.ChainOptimizer(params, chain(), lr=1e-2, chunk_elems=2048, compile=compile)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            if compile:
+                buffers = {k: v.data_ptr() for k, v in opt._kernel_buffers.items()}
+                assert buffers, "the compiled kernel did not write into kept buffers"
+                assert len({v.untyped_storage().data_ptr() for v in opt._kernel_buffers.values()}) == len(buffers)
+                if step > 0:
+                    assert buffers == kept, "the kept direction buffers changed between steps"
+                kept = buffers
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

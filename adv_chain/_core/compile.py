@@ -33,7 +33,8 @@ _KERNEL_IDS = itertools.count()
 def layout_and_tensors(params: list[torch.Tensor], grads: list[torch.Tensor], ref: list[torch.Tensor] | None,
                        states: Mapping[str, Mapping[str, list[torch.Tensor]]],
                        scalars: Mapping[str, Mapping[str, Any]], u_owned: bool, offsets: list[Any],
-                       keys: list[Any] | None, materialize: bool) -> tuple[Layout, list[torch.Tensor]]:
+                       keys: list[Any] | None, materialize: bool, dest: list[torch.Tensor] | None = None,
+                       reducer: Any = None) -> tuple[Layout, list[torch.Tensor]]:
     """Split the arguments of ``segment_body`` into a hashable layout and a flat tensor list."""
     n = len(params)
     tensors: list[torch.Tensor] = [*params, *grads]
@@ -60,13 +61,15 @@ def layout_and_tensors(params: list[torch.Tensor], grads: list[torch.Tensor], re
         scalar_layout.append((tname, tuple(entries)))
     if keys is not None:
         tensors += keys
+    if dest is not None:
+        tensors += dest
     layout = (n, ref is not None, tuple(state_layout), tuple(scalar_layout), u_owned, tuple(offsets),
-              keys is not None, materialize)
+              keys is not None, materialize, dest is not None, reducer)
     return layout, tensors
 
 
 def make_kernel(transforms: tuple, layout: Layout, options: Mapping[str, Any]) -> Callable[..., Any]:
-    n, has_ref, state_layout, scalar_layout, u_owned, offsets, has_keys, materialize = layout
+    n, has_ref, state_layout, scalar_layout, u_owned, offsets, has_keys, materialize, has_dest, reducer = layout
 
     def kernel(*tensors: torch.Tensor) -> Any:
         it = iter(tensors)
@@ -78,8 +81,9 @@ def make_kernel(transforms: tuple, layout: Layout, options: Mapping[str, Any]) -
                            for name, v in entries}
                    for tname, entries in scalar_layout}
         noise_keys = take(n) if has_keys else None
+        dest = take(n) if has_dest else None
         return segment_body(transforms, params, grads, ref, states, scalars, u_owned, list(offsets), noise_keys,
-                            materialize)
+                            materialize, dest, reducer)
 
     # dynamo keeps its compiled-graph cache on the code object: give every kernel its own, so that
     # kernels of different layouts never count against each other's recompile limit

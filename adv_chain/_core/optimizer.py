@@ -13,8 +13,9 @@ from .compile import ScalarCache, layout_and_tensors, make_kernel, noise_key_ten
 from .numerics import noise_key
 from .barrier import run_barrier, run_barrier_lagged
 from . import distributed
-from .plan import (Segment, Work, accumulation_transforms, build_plan, flat_view, materialized_buffers, pipelines,
-                   segment_body, split_work)
+from .plan import (Segment, Work, accumulation_transforms, build_plan, flat_view, pipelines,
+                   segment_body, separate_buffers, split_work,
+                   store_materialized)
 from .tags import param_tags, route_tags, with_tags
 from .state import STATE_DTYPES, allocate_state, match_checkpoint, restore_saved_state, state_specs
 from .transform import HostView, StateSpec, Transform
@@ -95,6 +96,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._terminal = chain.transforms[-1]
         self._compile_options = (dict(compile) if isinstance(compile, Mapping) else {}) if compile else None
         self._kernels: dict[Any, Callable[..., Any]] = {}
+        self._kernel_buffers: dict[Any, torch.Tensor] = {}  # plan.separate_buffers
         self._scalar_cache = ScalarCache()
         self._ready: set[torch.Tensor] = set()
         self._tags: dict[torch.Tensor, frozenset[str]] = {}  # read once per parameter (tags.py)
@@ -295,8 +297,8 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _call(self, si: int, seg: Segment, *args: Any) -> Any:
         """Run ``segment_body`` eagerly, or through the compiled kernel for this segment and layout."""
         if not self._compiled(seg):
-            return segment_body(seg.transforms, *args, seg.materialize)
-        layout, tensors = layout_and_tensors(*args, seg.materialize)
+            return segment_body(seg.transforms, *args[:-2], seg.materialize, *args[-2:])
+        layout, tensors = layout_and_tensors(*args[:-2], seg.materialize, *args[-2:])
         kernel = self._kernels.get((id(seg), layout))
         if kernel is None:
             kernel = self._kernels[(id(seg), layout)] = make_kernel(seg.transforms, layout, self._compile_options)
@@ -374,33 +376,29 @@ class ChainOptimizer(torch.optim.Optimizer):
             scalars = {tname: {k: ([v[i] for i, _, _ in pieces] if isinstance(v, list) else v) for k, v in d.items()}
                        for tname, d in scalars.items()}
         piece_keys = [keys[i] for i, _, _ in pieces] if keys is not None else None
-        out = self._call(si, seg, params, grads, ref, piece_states, scalars, owned, offsets, piece_keys)
+        dest = reducer = None
         if seg.materialize:
-            self._store_full(si, w, pieces, cut, out)
             nxt = self._plan[si + 1].barrier
-            if nxt is not None and nxt.additive_reduce:
-                # reduce the next barrier on these slices while they are in cache, summed per tensor
-                u, reference = out
-                b = Bucket(params, u, w.states, w.scalars,
-                           grads=grads if isinstance(reference, str) else reference)
+            # reduce the next barrier on these slices while they are in cache, summed per tensor
+            # (a compiled kernel: in its own pass, if the reduce traces; it then writes the direction
+            # straight into the buffers the next segment reads)
+            if nxt is not None and nxt.additive_reduce and (not flatten or nxt.traceable_reduce):
+                reducer = nxt
+                if flatten:
+                    if w.next_u is None:
+                        w.next_u = separate_buffers(w, si, self._kernel_buffers)
+                    dest = [cut(w.next_u[i], s, e) for i, s, e in pieces]
+        out = self._call(si, seg, params, grads, ref, piece_states, scalars, owned, offsets, piece_keys, dest, reducer)
+        if seg.materialize:
+            store_materialized(w, si, pieces, cut, out)
+            values = out[2]
+            if nxt is not None and nxt.additive_reduce and values is None:
+                b = Bucket(params, out[0], w.states, w.scalars, grads=grads if isinstance(out[1], str) else out[1])
                 b.enter(nxt.name, nxt.stage)
-                for (i, _, _), value in zip(pieces, nxt.reduce(b)):
+                values = nxt.reduce(b)
+            if values is not None:
+                for (i, _, _), value in zip(pieces, values):
                     w.partials[i] = value if w.partials[i] is None else w.partials[i] + value
-
-    def _store_full(self, si: int, w: Work, pieces: list[tuple[int, Any, Any]], cut: Callable[..., torch.Tensor],
-                    out: tuple[list[torch.Tensor], Any]) -> None:
-        u, ref = out
-        if w.next_u is None:
-            w.next_u = materialized_buffers(w, si)
-        torch._foreach_copy_([cut(w.next_u[i], s, e) for i, s, e in pieces], u)
-        if ref is None:
-            return
-        if isinstance(ref, str):  # "input": the reference gradient is the incoming fp32 gradient, no copy
-            w.next_g = w.full_u if w.full_u is not None else w.grads
-            return
-        if w.next_g is None:
-            w.next_g = materialized_buffers(w, si, "reference")
-        torch._foreach_copy_([cut(w.next_g[i], s, e) for i, s, e in pieces], ref)
 
     def _run_whole(self, si: int, seg: Segment, w: Work) -> None:
         source = w.full_u if w.full_u is not None else w.grads

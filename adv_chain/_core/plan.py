@@ -97,12 +97,16 @@ def build_plan(transforms: tuple[Transform, ...]) -> tuple[Segment, ...]:
 def segment_body(transforms: tuple[Transform, ...], params: list[torch.Tensor], grads: list[torch.Tensor],
                  ref_grads: list[torch.Tensor] | None, states: dict[str, dict[str, list[torch.Tensor]]],
                  scalars: dict[str, dict[str, Any]], u_owned: bool, offsets: list[Any],
-                 noise_keys: list[Any] | None, materialize: bool) -> Any:
+                 noise_keys: list[Any] | None, materialize: bool, dest: list[torch.Tensor] | None = None,
+                 reducer: Transform | None = None) -> Any:
     """Run ``transforms`` on aligned lists; the same function runs eagerly or under ``torch.compile``.
 
     Low-precision gradients are promoted to fp32 here, so the math never runs in bf16/fp16.
-    Returns ``(u, reference)`` when ``materialize`` is set (``reference`` is ``None`` while still in
-    the gradient stage, ``"input"`` when it is the unmodified input gradient, else a list), else ``None``.
+    Returns ``(u, reference, values)`` when ``materialize`` is set (``reference`` is ``None`` while
+    still in the gradient stage, ``"input"`` when it is the unmodified input gradient, else a list),
+    else ``None``. ``dest``: tensors the direction is written into (``u`` is then returned as
+    ``None``); ``reducer``: the next barrier (``additive_reduce``), whose ``reduce`` of this
+    direction is returned as ``values`` (else ``None``).
     """
     incoming = grads
     if grads[0].dtype in LOW_PRECISION:
@@ -111,11 +115,18 @@ def segment_body(transforms: tuple[Transform, ...], params: list[torch.Tensor], 
     b = Bucket(params, grads, states, scalars, grads=ref_grads, u_owned=u_owned, offsets=offsets,
                noise_keys=noise_keys)
     run_transforms(transforms, b)
-    if materialize:
-        if not b.frozen:
-            return b.u, None
-        return b.u, ("input" if b.grads is incoming else b.grads)
-    return None
+    if not materialize:
+        return None
+    u, ref = b.u, (None if not b.frozen else "input" if b.grads is incoming else b.grads)
+    values = None
+    if reducer is not None:
+        rb = Bucket(params, u, states, scalars, grads=incoming if isinstance(ref, str) else ref)
+        rb.enter(reducer.name, reducer.stage)
+        values = reducer.reduce(rb)
+    if dest is not None:
+        torch._foreach_copy_(dest, u)
+        u = None
+    return u, ref, values
 
 
 def _dense(x: torch.Tensor) -> bool:
@@ -209,6 +220,45 @@ def materialized_buffers(w: Work, si: int, kind: str = "direction") -> list[torc
             start += p.numel()
         else:
             out.append(torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format))
+    return out
+
+
+def store_materialized(w: Work, si: int, pieces: list[tuple[int, Any, Any]], cut: Any, out: tuple) -> None:
+    """Keep what segment ``si`` materialized for ``pieces`` (``(index, start, end)`` slices of
+    ``w``'s tensors; ``cut(x, start, end)`` takes one) as ``w.next_u`` / ``w.next_g``, from
+    :func:`segment_body`'s ``(u, reference, values)``."""
+    u, ref, _ = out
+    if u is not None:  # (None: a compiled kernel wrote it in place)
+        if w.next_u is None:
+            w.next_u = materialized_buffers(w, si)
+        torch._foreach_copy_([cut(w.next_u[i], s, e) for i, s, e in pieces], u)
+    if ref is None:
+        return
+    if isinstance(ref, str):  # "input": the reference gradient is the incoming fp32 gradient, no copy
+        w.next_g = w.full_u if w.full_u is not None else w.grads
+        return
+    if w.next_g is None:
+        w.next_g = materialized_buffers(w, si, "reference")
+    torch._foreach_copy_([cut(w.next_g[i], s, e) for i, s, e in pieces], ref)
+
+
+def separate_buffers(w: Work, si: int, kept: dict[Any, torch.Tensor]) -> list[torch.Tensor]:
+    """fp32 tensors shaped like ``w.params`` for the direction segment ``si`` materializes, for a
+    compiled kernel to write into: one storage each (views of one buffer would alias the kernel's
+    inputs). In a pipelined step (``w.pool`` set) they are kept in ``kept``, keyed by size and rank
+    among the part's tensors of that size, so every later part and step reuses them (no fresh
+    pages; at most about one part's size per distinct tensor size); otherwise fresh tensors."""
+    out, seen = [], {}
+    for p in w.params:
+        if w.pool is None or not p.is_contiguous():
+            out.append(torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format))
+            continue
+        rank = seen[p.numel()] = seen.get(p.numel(), -1) + 1
+        key = (si, p.device, p.numel(), rank)
+        buf = kept.get(key)
+        if buf is None:
+            buf = kept[key] = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
+        out.append(buf.view(p.shape))
     return out
 
 

@@ -96,6 +96,10 @@ class Transform:
     #: layer/global scope: ``reduce`` on slices of a tensor sums to ``reduce`` on the whole tensor, so
     #: the executor may run it slice by slice inside the previous segment (one pass less)
     additive_reduce: ClassVar[bool] = False
+    #: with ``additive_reduce``: ``reduce`` traces under ``torch.compile`` and reads only the
+    #: bucket's direction, parameters and gradients, so a compiled kernel of the previous segment
+    #: computes it in the same pass that writes the direction (no eager pass over it afterwards)
+    traceable_reduce: ClassVar[bool] = False
     #: type names of transforms this one cannot share a chain with
     excludes: ClassVar[frozenset[str]] = frozenset()
     #: layer/global scope: the transform has a :meth:`prepare` step (elementwise work on the direction

@@ -49,6 +49,7 @@ class Cautious(Transform):
     reads = frozenset({"update", "grad"})
     excludes = frozenset({"grams"})
     additive_reduce = True  # (count, size) of slices add up
+    traceable_reduce = True
     prepares = True  # with a rescale (layer scope): the mask itself runs before the count
 
     def __init__(self, rescale: str = "paper", whole_tensors: bool = False, *, name: str | None = None) -> None:
@@ -77,6 +78,10 @@ class Cautious(Transform):
             # (exact: far below 2^24; the temporaries stay small even when u is a whole tensor, as
             # under compile=True), the piece counts added in fp64
             flat = u.reshape(-1)
+            if torch.compiler.is_compiling():  # an exact integer count, fused into the kernel's pass
+                count = flat.ne(0).sum(dtype=torch.int64).float()
+                out.append(torch.stack((count, torch.full_like(count, float(u.numel())))))
+                continue
             count = sum(torch.sign(flat[i:i + _COUNT_PIECE]).abs_().sum(dtype=torch.float32).double()
                         for i in range(0, max(1, flat.numel()), _COUNT_PIECE)).float()
             out.append(torch.stack((count, torch.full_like(count, float(u.numel())))))
