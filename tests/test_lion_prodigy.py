@@ -316,7 +316,7 @@ BAD = [
     (dict(lr=-1.0), ValueError, "lr"),
     (dict(nnmf_factor=True, kappa_p=1.5), NotImplementedError, "nnmf_factor"),
     (dict(nnmf_factor=True, cautious_mask=True), NotImplementedError, "nnmf_factor"),
-    (dict(fsdp_in_use=True), NotImplementedError, "fsdp_in_use"),
+    (dict(fsdp_in_use="yes"), ValueError, "fsdp_in_use"),
 ]
 
 
@@ -328,6 +328,24 @@ def test_bad_keywords_are_clear_errors(kw, error, word):
         ac.optim.Lion_Prodigy_adv(make_params(), **kw)
     if error is ValueError and "betas" not in kw:
         assert repr(next(iter(kw.values()))) in str(info.value)
+
+
+def test_fsdp_in_use_sums_across_ranks_and_needs_a_process_group():
+    """``fsdp_in_use=True`` is the transform's ``sum_across_ranks`` (printed, round-tripped through its
+    config); in one process without a process group the first step is a ValueError naming the flag,
+    raised before anything moves. The 2-rank behaviour: tests/distributed/test_prodigy_fsdp_in_use.py."""
+    chain = ac.presets.lion_prodigy_adv(fsdp_in_use=True, kappa_p=2.0)
+    assert "sum_across_ranks=True" in repr(chain) and ac.chain_from_config(chain.to_config()) == chain
+    params = make_params()
+    before = copy.deepcopy([p.detach() for p in params])
+    opt = ac.optim.Lion_Prodigy_adv(params, fsdp_in_use=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="fsdp_in_use.*init_process_group"):
+        opt.step()
+    for p, q in zip(params, before):
+        assert torch.equal(p.detach(), q) and not opt.state[p]["lion_prodigy/s"].any()
+    assert float(opt.param_groups[0]["d"]) == 1e-6
 
 
 def test_unknown_keyword_is_a_type_error():

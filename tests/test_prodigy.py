@@ -222,8 +222,33 @@ def test_bad_arguments():
         ac.prodigy(d0=0.0)
     with pytest.raises(ValueError, match="slice_p"):
         ac.prodigy(slice_p=0)
-    with pytest.raises(NotImplementedError, match="fsdp_in_use"):
-        ac.optim.Prodigy(make_model().parameters(), fsdp_in_use=True)
+    with pytest.raises(ValueError, match="sum_across_ranks=1"):
+        ac.prodigy(sum_across_ranks=1)
+    with pytest.raises(ValueError, match="fsdp_in_use='yes'"):
+        ac.optim.Prodigy(make_model().parameters(), fsdp_in_use="yes")
     # the other reference keywords (storage, K-beta, fisher/centered decay): tests/test_prodigy_adv_features.py
-    with pytest.raises(NotImplementedError, match="fsdp_in_use"):
-        ac.optim.Prodigy_adv(make_model().parameters(), fsdp_in_use=True)
+    with pytest.raises(ValueError, match="fsdp_in_use=1"):
+        ac.optim.Prodigy_adv(make_model().parameters(), fsdp_in_use=1)
+
+
+@pytest.mark.parametrize("cls", [ac.optim.Prodigy, ac.optim.Prodigy_adv])
+def test_fsdp_in_use_sums_across_ranks_and_needs_a_process_group(cls):
+    """``fsdp_in_use=True`` is the transform's ``sum_across_ranks`` (printed, round-tripped through the
+    chain's config); in one process without a process group the first step is a ValueError naming
+    the flag, raised before the statistics, moments or parameters move (prodigyopt fails there too,
+    in its all-reduce). The 2-rank behaviour: tests/distributed/test_prodigy_fsdp_in_use.py."""
+    t = ac.prodigy(sum_across_ranks=True)
+    assert repr(t) == "prodigy(sum_across_ranks=True)"
+    assert ac.chain_from_config(ac.chain(t).to_config())["prodigy"] == t
+    model = make_model()
+    before = copy.deepcopy(model)
+    opt = cls(model.parameters(), fsdp_in_use=True)
+    assert ac.chain_from_config(opt.chain.to_config()) == opt.chain
+    assert any(x.args.get("sum_across_ranks") for x in opt.chain.all_transforms)
+    model(_X).square().mean().backward()
+    with pytest.raises(ValueError, match="fsdp_in_use=True.*init_process_group"):
+        opt.step()
+    assert _max_diff(model, before) == 0.0
+    for p in model.parameters():
+        assert all(not v.any() for k, v in opt.state[p].items() if k.endswith(("/s", "exp_avg", "exp_avg_sq")))
+    assert float(opt.param_groups[0]["d"]) == 1e-6

@@ -34,8 +34,10 @@ class Lion_Prodigy_adv(_DropIn):  # noqa: N801 - the reference's class name
     ``vector_reshape=False``, ``compiled_optimizer=False`` (``True`` means ``compile=True``),
     ``beta3=None`` (``sqrt(b2)``), ``d0=1e-6``, ``d_coef=1``, ``growth_rate=inf``,
     ``safeguard_warmup=False``, ``fsdp_in_use=False``, ``slice_p=11``, ``prodigy_steps=0``,
-    ``d_limiter=True``. ``nnmf_factor=True`` and ``fsdp_in_use=True`` raise ``NotImplementedError``;
-    the reference's factored-path bug (``m`` updated with ``b1``) is not reproduced. ``group["d"]``
+    ``d_limiter=True``. ``fsdp_in_use=True`` sums Prodigy's numerator and ``sum |s|`` over the
+    default process group (FSDP1 flat shards, ZeRO; see :class:`~adv_chain.optim.Prodigy`).
+    ``nnmf_factor=True`` with Lion-K or ``cautious_mask`` raises ``NotImplementedError``; the
+    reference's factored-path bug (``m`` updated with ``b1``) is not reproduced. ``group["d"]``
     holds the current ``d`` (``d0`` before the first step; a 0-d tensor after it, no host sync:
     ``float(group["d"])`` for a number); ``d``, ``d_max``, ``d_numerator`` and ``k`` are saved with
     ``state_dict`` under ``"lion_prodigy/..."`` in every param group. Also ``ac.optim.Prodigy_Lion_Adv``

@@ -17,8 +17,11 @@ class Prodigy(_DropIn):
     (``lr=1.0``). ``group["d"]`` holds the current ``d`` after each step (a 0-d tensor, no host sync;
     ``float(group["d"])`` for a number); ``d``, ``d_max``, ``d_numerator`` and ``k`` are kept under
     ``"prodigy/..."`` in every param group and saved with ``state_dict``. Under gradient release
-    the ``d`` estimate runs one step lagged (see :func:`adv_chain.prodigy`). ``fsdp_in_use=True`` is
-    not implemented yet.
+    the ``d`` estimate runs one step lagged (see :func:`adv_chain.prodigy`). ``fsdp_in_use=True``
+    (FSDP1 flat shards, ZeRO: each rank steps plain tensors that are parts of the parameters) sums
+    Prodigy's numerator and ``sum |s|`` over torch.distributed's default process group before ``d``
+    is computed, as prodigyopt, so every rank has the one-process ``d``; it needs an initialized
+    process group (else ``ValueError`` at the first step). FSDP2 (DTensor parameters) needs no flag.
 
     >>> import torch, adv_chain as ac
     >>> opt = ac.optim.Prodigy(torch.nn.Linear(4, 2).parameters(), weight_decay=0.01)
@@ -59,6 +62,8 @@ class Prodigy_adv(_DropIn):  # noqa: N801 - the reference's class name
     bug B2 is fixed. ``kourkoutas_beta`` buckets layers by shape (or by ``layer_key_fn(param)``), uses the previous step's gradient
     norms and ramps ``beta2`` from ``betas[1]`` over ``k_warmup_steps``, as adv_optm; ``centered_wd``
     anchors the weights of a parameter's first step (adv_optm creates Prodigy's state lazily too).
+    ``fsdp_in_use=True`` sums Prodigy's step sums over the ranks as :class:`Prodigy` does (adv_optm also
+    sums ``beta3 * d_numerator``, counting the history once per rank: not reproduced).
     Keywords of features adv_chain lacks raise ``NotImplementedError`` (see the preset)."""
 
     foreign_checkpoints = ("adv_optm",)

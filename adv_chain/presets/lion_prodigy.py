@@ -40,9 +40,10 @@ def lion_prodigy_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: flo
     :func:`adv_chain.lion_prodigy`; bf16 weights are stochastically rounded once. The reference's
     factored path updates ``m`` with ``b1`` (a bug; ``b2`` is right): not reproduced. ``nnmf_factor``
     stores ``m`` SMMF-factored (:func:`factored_state` around the global transform; ``vector_reshape``
-    factors 1-D tensors too), with the sign update only. Not implemented (``NotImplementedError``
-    naming the keyword): ``nnmf_factor`` with Lion-K or the cautious mask, and ``fsdp_in_use`` (as
-    ``prodigy_adv``).
+    factors 1-D tensors too), with the sign update only. ``fsdp_in_use=True`` sums Prodigy's step
+    sums over the ranks of sharded plain tensors, as ``prodigy_adv`` (:func:`adv_chain.lion_prodigy`'s
+    ``sum_across_ranks``). Not implemented (``NotImplementedError`` naming the keyword):
+    ``nnmf_factor`` with Lion-K or the cautious mask.
 
     >>> import adv_chain as ac
     >>> ac.presets.lion_prodigy_adv(weight_decay=0.1, cautious_wd=True).names
@@ -57,10 +58,6 @@ def lion_prodigy_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: flo
                                   f"{auto_kappa_p!r} or cautious_mask={cautious_mask!r} is not implemented (their "
                                   "per-tensor sums read the dense moment inside Prodigy's reduction); use the sign "
                                   "update (kappa_p=1.0, auto_kappa_p=False, cautious_mask=False) with nnmf_factor")
-    if checks.flag(name, "fsdp_in_use", fsdp_in_use):
-        raise NotImplementedError(f"{name}: fsdp_in_use=True (the reference's all-reduce of Prodigy's sums over "
-                                  "FSDP1 flat shards) is not implemented; leave it False (on FSDP2's DTensor "
-                                  "parameters adv_chain takes Prodigy's sums over whole tensors by itself)")
     checks.flag(name, "vector_reshape", vector_reshape)
     checks.nonneg(name, "weight_decay", weight_decay)
     return chain(
@@ -69,7 +66,8 @@ def lion_prodigy_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: flo
         stored(name, T.lion_prodigy(betas=betas, beta3=beta3, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
                                     safeguard_warmup=safeguard_warmup, slice_p=slice_p, d_limiter=d_limiter,
                                     prodigy_steps=prodigy_steps, kappa_p=kappa_p, auto_kappa_p=auto_kappa_p,
-                                    cautious=checks.flag(name, "cautious_mask", cautious_mask)),
+                                    cautious=checks.flag(name, "cautious_mask", cautious_mask),
+                                    sum_across_ranks=checks.flag(name, "fsdp_in_use", fsdp_in_use)),
                nnmf_factor=nnmf_factor, vector_reshape=vector_reshape, seed=seed),
         decay_stage(weight_decay, cautious_wd),
         terminal(stochastic_rounding=stochastic_rounding, seed=seed),

@@ -15,12 +15,6 @@ from ._storage import state_precision_mode, stored
 from .classic import terminal
 
 
-def _fsdp(preset: str, fsdp_in_use: bool) -> None:
-    if checks.flag(preset, "fsdp_in_use", fsdp_in_use):
-        raise NotImplementedError(f"{preset}: fsdp_in_use=True (all-reducing Prodigy's sums across ranks) is not "
-                                  "implemented yet; adv_chain's Prodigy sums over the parameters of this process")
-
-
 @register
 def prodigy(betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = None, eps: float = 1e-8,
             weight_decay: float = 0.0, decouple: bool = True, use_bias_correction: bool = False,
@@ -33,7 +27,10 @@ def prodigy(betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = Non
     by the ``wd_scale`` Prodigy publishes); ``decouple=False`` adds ``weight_decay * p`` to the
     gradient first (:func:`add_l2`), which then also enters the ``d`` estimate, as prodigyopt.
     ``stochastic_rounding``/``kahan_sum`` choose the terminal for bf16 weights (prodigyopt has none).
-    ``fsdp_in_use=True`` is not implemented yet.
+    ``fsdp_in_use=True`` (for FSDP1 flat shards / ZeRO, where each rank holds part of each parameter
+    as a plain tensor) sums Prodigy's numerator and ``sum |s|`` over the default process group before
+    ``d`` is computed (:func:`adv_chain.prodigy`'s ``sum_across_ranks``); it needs an initialized
+    process group. FSDP2's DTensor parameters need no flag (and refuse it).
 
     >>> import adv_chain as ac
     >>> ac.presets.prodigy(weight_decay=0.01).names
@@ -42,14 +39,14 @@ def prodigy(betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = Non
     ('add_l2', 'prodigy', 'apply')
     """
     name = "prodigy"
-    _fsdp(name, fsdp_in_use)
     checks.positive(name, "eps", eps)
     checks.nonneg(name, "weight_decay", weight_decay)
     decoupled = checks.flag(name, "decouple", decouple)
     return chain(
         *(() if decoupled else (T.add_l2(weight_decay),)),
         T.prodigy(betas=betas, eps=eps, beta3=beta3, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
-                  safeguard_warmup=safeguard_warmup, use_bias_correction=use_bias_correction, slice_p=slice_p),
+                  safeguard_warmup=safeguard_warmup, use_bias_correction=use_bias_correction, slice_p=slice_p,
+                  sum_across_ranks=checks.flag(name, "fsdp_in_use", fsdp_in_use)),
         *((T.weight_decay(weight_decay),) if decoupled else ()),
         terminal(stochastic_rounding, kahan_sum),
     )
@@ -84,8 +81,9 @@ def prodigy_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1
     ``'int8_sr'``, ``'factored'``/``nnmf_factor``, ``factored_2nd`` and ``vector_reshape`` store
     Prodigy's moments through :func:`low_precision_state` / :func:`factored_state` (its ``s`` and
     ``p0`` stay dense, as in adv_optm); ``'fp16'`` is refused (Prodigy's ``v`` is of order ``d^2``,
-    below fp16's range; adv_optm's fp16 state diverges). Not implemented yet (``NotImplementedError``
-    naming the keyword): ``fsdp_in_use``. ``spectral_normalization`` ->
+    below fp16's range; adv_optm's fp16 state diverges). ``fsdp_in_use=True`` sums Prodigy's
+    step sums over the ranks, as :func:`prodigy` (adv_optm all-reduces ``beta3 * d_numerator`` too,
+    counting the history once per rank: not reproduced). ``spectral_normalization`` ->
     :func:`spectral_normalization` with Prodigy's ``d`` kept as the step size (adv_optm: ``spectral(u, d*lr)``).
 
     >>> import adv_chain as ac
@@ -99,7 +97,6 @@ def prodigy_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1
         raise ValueError(f"{name}: state_precision={state_precision!r} is not allowed for Prodigy: its second moment "
                          "is of order d^2 (1e-12 at d0=1e-6), which fp16 (smallest normal 6e-5) flushes to zero; use "
                          "one of 'auto', 'fp32', 'bf16_sr', 'int8_sr', 'factored'")
-    _fsdp(name, fsdp_in_use)
     checks.flag(name, "vector_reshape", vector_reshape)
     checks.nonneg(name, "weight_decay", weight_decay)
     if eps is not None:
@@ -114,7 +111,8 @@ def prodigy_adv(betas: tuple[float, float] = (0.9, 0.999), eps: float | None = 1
                         safeguard_warmup=safeguard_warmup, slice_p=slice_p, d_limiter=d_limiter, step_d="current",
                         use_atan2=use_atan2, nesterov=checks.flag(name, "nesterov", nesterov),
                         nesterov_coef=nesterov_coef, prodigy_steps=prodigy_steps,
-                        kourkoutas=layer[0] if layer else None, publish_denom=fisher, decay_signal=step_signal)
+                        kourkoutas=layer[0] if layer else None, publish_denom=fisher, decay_signal=step_signal,
+                        sum_across_ranks=checks.flag(name, "fsdp_in_use", fsdp_in_use))
     return chain(
         *gradient_stage(name, orthogonal_gradient),
         stored(name, moments, state_precision=state_precision, nnmf_factor=nnmf_factor, factored_2nd=factored_2nd,

@@ -34,7 +34,7 @@ Tensors = list[torch.Tensor]
 _SLICE = 1 << 18
 #: the keywords of :class:`LionProdigy`; every other entry of ``args`` is a fixed Prodigy option
 _PUBLIC = ("betas", "beta3", "d0", "d_coef", "growth_rate", "safeguard_warmup", "slice_p", "d_limiter",
-           "prodigy_steps", "kappa_p", "auto_kappa_p", "cautious")
+           "prodigy_steps", "kappa_p", "auto_kappa_p", "cautious", "sum_across_ranks")
 
 
 def _kappa_exponent(p: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,10 @@ class LionProdigy(Prodigy):
     ``beta3=None`` means ``sqrt(b2)``. The step uses the ``d`` it started with (the new ``d`` takes
     effect at the next step), as the reference. Defaults are the reference's (``betas=(0.9, 0.99)``,
     ``slice_p=11``, ``d_limiter=True``); ``prodigy_steps=n > 0`` freezes ``d`` after a parameter's
-    ``n``-th step and frees ``s``, ``p0``.
+    ``n``-th step and frees ``s``, ``p0``. ``sum_across_ranks=True`` (the preset's ``fsdp_in_use``)
+    sums ``num`` and ``sum |s|`` over the ranks of parameters sharded as plain tensors, as
+    :func:`adv_chain.prodigy` does; the per-tensor factors of ``P`` (``kappa_p != 1``) and of the
+    cautious rescale stay sums over each rank's own shard, as the reference's.
 
     Deliberate differences from the reference: its factored path (``nnmf_factor``) updates ``m`` with
     ``b1`` instead of ``b2`` - a bug, not reproduced (and factored state is not offered here); a
@@ -121,14 +124,15 @@ class LionProdigy(Prodigy):
     def __init__(self, betas: tuple[float, float] = (0.9, 0.99), beta3: float | None = None, d0: float = 1e-6,
                  d_coef: float = 1.0, growth_rate: float = math.inf, safeguard_warmup: bool = False,
                  slice_p: int = 11, d_limiter: bool = True, prodigy_steps: int = 0, kappa_p: float = 1.0,
-                 auto_kappa_p: bool = False, cautious: bool = False, *, name: str | None = None) -> None:
+                 auto_kappa_p: bool = False, cautious: bool = False, sum_across_ranks: bool = False, *,
+                 name: str | None = None) -> None:
         owner = self.type_name
         extra = {"kappa_p": checks.number(owner, "kappa_p", kappa_p, lo=1.0),
                  "auto_kappa_p": checks.flag(owner, "auto_kappa_p", auto_kappa_p),
                  "cautious": checks.flag(owner, "cautious", cautious)}
         super().__init__(betas=betas, beta3=beta3, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
                          safeguard_warmup=safeguard_warmup, slice_p=slice_p, d_limiter=d_limiter,
-                         prodigy_steps=prodigy_steps, name=name)
+                         prodigy_steps=prodigy_steps, sum_across_ranks=sum_across_ranks, name=name)
         object.__setattr__(self, "args", MappingProxyType({**self.args, **extra}))
 
     # -- value semantics: only this transform's own keywords (the rest are fixed Prodigy options) ----

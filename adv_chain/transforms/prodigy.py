@@ -29,7 +29,8 @@ from .._core.transform import HParam, HostView, StateSpec, Transform, transform_
 from .decay import FisherWD
 from .normalize import _eps_or_none, auto_eps_specs, eps_scalars
 from .prodigy_sums import (  # noqa: F401 - the state builders and helpers, importable from here too
-    _REDUCE_SLICE, _add_scaled_, _build_p0, _build_s, _sliced, _state_dtype, reduce_sums)
+    _REDUCE_SLICE, _add_scaled_, _build_p0, _build_s, _sliced, _state_dtype, check_ranks, reduce_sums, refuse_dtensor,
+    sum_over_ranks)
 
 _STEP_D = ("next", "current")
 #: the signal carrying the step's ``d * bc`` for the decay transforms (``"lr_scale"`` leaves
@@ -113,6 +114,14 @@ class Prodigy(Transform):
     parameter steps again) and every parameter of a round uses the same ``d``; the new ``d`` of a
     round is not known within it, so ``eps`` uses the round's ``d``.
 
+    ``sum_across_ranks=True`` (the presets' ``fsdp_in_use``) is for parameters sharded as plain
+    tensors (FSDP1 flat shards, ZeRO): each rank's ``[num, den]`` (sums over its shards) is summed
+    over torch.distributed's default group (one all-reduce a step) before ``d_hat``, as prodigyopt,
+    so every rank has the one-process ``d`` (``slice_p > 1``: each shard takes its own every
+    ``slice_p``-th element). Every rank must step (and, under gradient release, the same
+    parameters in the same order). No process group: ``ValueError``; FSDP2 DTensors: refused
+    (their sums are over whole tensors already).
+
     >>> import torch, adv_chain as ac
     >>> model = torch.nn.Linear(4, 2)
     >>> opt = ac.ChainOptimizer(model.parameters(), ac.chain(ac.prodigy(), ac.apply()), lr=1.0)
@@ -138,7 +147,8 @@ class Prodigy(Transform):
                  safeguard_warmup: bool = False, use_bias_correction: bool = False, slice_p: int = 1,
                  d_limiter: bool = False, step_d: str = "next", use_atan2: bool = False, nesterov: bool = False,
                  nesterov_coef: float | None = None, prodigy_steps: int = 0, kourkoutas: Any = None,
-                 publish_denom: bool = False, decay_signal: str = "wd_scale", *, name: str | None = None) -> None:
+                 publish_denom: bool = False, decay_signal: str = "wd_scale", sum_across_ranks: bool = False, *,
+                 name: str | None = None) -> None:
         owner = self.type_name
         if not isinstance(slice_p, int) or isinstance(slice_p, bool) or slice_p < 1:
             raise ValueError(f"{owner}: slice_p={slice_p!r} must be an int >= 1 (statistics on every slice_p-th element)")
@@ -157,7 +167,8 @@ class Prodigy(Transform):
                          nesterov=checks.flag(owner, "nesterov", nesterov), nesterov_coef=nesterov_coef,
                          prodigy_steps=prodigy_steps, kourkoutas=_kourkoutas(owner, kourkoutas),
                          publish_denom=checks.flag(owner, "publish_denom", publish_denom),
-                         decay_signal=checks.choice(owner, "decay_signal", decay_signal, _DECAY_SIGNALS))
+                         decay_signal=checks.choice(owner, "decay_signal", decay_signal, _DECAY_SIGNALS),
+                         sum_across_ranks=checks.flag(owner, "sum_across_ranks", sum_across_ranks))
 
     @property
     def static_scalars(self) -> frozenset[str]:  # type: ignore[override]
@@ -186,6 +197,8 @@ class Prodigy(Transform):
     # -- state -------------------------------------------------------------------------------------
     def state_specs(self, param: torch.Tensor, hp: Mapping[str, Any]) -> dict[str, StateSpec]:
         slice_p = self.args["slice_p"]
+        if self.args["sum_across_ranks"]:
+            refuse_dtensor(self.type_name, param)
         specs = {"exp_avg_sq": StateSpec(kind="nonneg", factorable=True)}
         if hp["betas"][0] != 0:
             specs["exp_avg"] = StateSpec(kind="signed", factorable=True)
@@ -243,6 +256,8 @@ class Prodigy(Transform):
         """Per parameter ``[(d/d0) dlr <gs, p0 - ps>, sum |s|]`` (fp64), updating ``s`` on the way
         (:func:`~adv_chain.transforms.prodigy_sums.reduce_sums`); with a nested Kourkoutas-beta a
         pair per parameter: those sums and its value."""
+        if self.args["sum_across_ranks"]:
+            check_ranks(self.type_name)  # before any state moves
         kb = self.args["kourkoutas"]
         layer = None if kb is None else kb.reduce(b)  # its state lives under this transform's name
         if not b.s("lr_on") or not b.s("adapting"):
@@ -269,6 +284,8 @@ class Prodigy(Transform):
             values = [v[0] for v in values]
         dev = values[0].device
         total = torch.stack([v.to(dev) for v in values]).sum(0)
+        if self.args["sum_across_ranks"]:  # every rank's [numerator, sum |s|] (its shards' sums), as prodigyopt
+            total = sum_over_ranks(total, self.type_name)
         d, d_max, num_prev, k = (hp[key].to(dev) for key in ("d", "d_max", "d_numerator", "k"))
         num = num_prev * self._beta3_of(hp) + total[0]
         den = total[1]

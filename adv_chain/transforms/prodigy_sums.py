@@ -1,5 +1,6 @@
 """Prodigy's per-parameter statistics (:mod:`adv_chain.transforms.prodigy`): the sliced state it keeps
-(``s``, ``p0``) and the reduction ``[(d/d0) dlr <gs, p0 - ps>, sum |s|]`` that updates ``s``."""
+(``s``, ``p0``), the reduction ``[(d/d0) dlr <gs, p0 - ps>, sum |s|]`` that updates ``s``, and the
+sum of its totals over the ranks (``sum_across_ranks``, the presets' ``fsdp_in_use``)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,6 +8,7 @@ from typing import Any
 import torch
 
 from .._core import foreach as F
+from .._core.distributed import is_sharded
 
 #: elements per slice of the reduce: a slice of each operand stays in cache across its passes, and
 #: each slice costs six op calls (1 << 18 was fastest on the gpt27m benchmark, 1 thread)
@@ -80,3 +82,35 @@ def reduce_sums(b: Any, slice_p: int) -> list[torch.Tensor]:
         total[0] *= num_coef
         out.append(total.view(2) if parts.shape[1] == 1 else total)
     return out
+
+
+def refuse_dtensor(owner: str, param: torch.Tensor) -> None:
+    """``sum_across_ranks=True`` is for plain tensors: an FSDP2 DTensor's sums are taken over the
+    whole tensor on every rank already (a second sum would count them once per rank)."""
+    if is_sharded(param):
+        raise ValueError(f"{owner}: sum_across_ranks=True (fsdp_in_use=True) is for parameters sharded as plain "
+                         f"tensors (FSDP1 flat parameters, ZeRO); a parameter of shape {tuple(param.shape)} is an "
+                         "FSDP2 DTensor, whose sums adv_chain already takes over the whole tensor on every rank: "
+                         "leave fsdp_in_use=False")
+
+
+def check_ranks(owner: str) -> None:
+    """``sum_across_ranks=True`` needs torch.distributed's default process group (checked at each
+    step before the reduction touches any state)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{owner}: sum_across_ranks=True (fsdp_in_use=True) all-reduces Prodigy's sums over "
+                         "torch.distributed's default process group, which is not initialized; call "
+                         "torch.distributed.init_process_group() before the first step, or leave fsdp_in_use=False "
+                         "in a single process")
+
+
+def sum_over_ranks(total: torch.Tensor, owner: str) -> torch.Tensor:
+    """``total`` (this rank's ``[numerator, sum |s|]``, fp64) summed over every rank of the default
+    process group, in place: one all-reduce of all of Prodigy's sums per step."""
+    import torch.distributed as dist
+
+    check_ranks(owner)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
