@@ -81,6 +81,41 @@ class EpsDivide(Transform):
             b.divide_u_by_denom_(b.s("eps"))
 
 
+#: ``atan(t) = t * P(t^2)`` on ``[0, 1]``: a degree-8 polynomial in ``t^2``, fit for this library by
+#: iteratively reweighted least squares (fp32 evaluation error <= 1.2e-7 absolute, ~1 ulp of pi/4)
+_ATAN_COEFFS = (1.0, -0.3333309292793274, 0.1999305635690689, -0.14207148551940918, 0.1065472662448883,
+                -0.07533769309520721, 0.043040379881858826, -0.016283586621284485, 0.002903688931837678)
+
+
+def atan2_pointwise(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``atan2(y, x)`` from elementwise arithmetic only, for compiled kernels: with
+    ``t = min(|y|,|x|) / max(|y|,|x|)``, ``r = t * P(t^2)`` (:data:`_ATAN_COEFFS`), then
+    ``pi/2 - r`` where ``|y| > |x|``, ``pi - r`` where ``x < 0``, and ``y``'s sign. Inductor fuses it
+    into the surrounding kernel, where ``torch.atan2`` compiles to a per-element library call
+    (4M elements, 1 thread: 3.1 vs 5.3 ms). At most 3e-7 from fp64 ``atan2`` (fp32
+    ``torch.atan2``: 1.4e-7); the same as ``torch.atan2`` at zeros, infinities (``atan2(inf, inf) =
+    pi/4``) and NaN, except for signed zeros: ``y = -0`` counts as ``+0`` (``atan2(-0, -1)`` is ``pi``,
+    not ``-pi``) and ``x = -0`` as ``+0`` (``atan2(0, -0)`` is ``0``, not ``pi``); an optimizer's
+    denominator is ``>= +0``, where none of these arise.
+
+    >>> import torch
+    >>> y, x = torch.tensor([1.0, -2.0, 0.0, 3.0]), torch.tensor([1.0, 0.5, 0.0, -1.0])
+    >>> bool((atan2_pointwise(y, x) - torch.atan2(y, x)).abs().max() < 3e-7)
+    True
+    """
+    ay, ax = y.abs(), x.abs()
+    lo, hi = torch.minimum(ay, ax), torch.maximum(ay, ax)
+    t = torch.where(lo == hi, (hi > 0).to(y.dtype), lo / hi)  # 0/0 -> 0 and inf/inf -> 1; NaN stays NaN
+    s = t * t
+    poly = torch.full_like(s, _ATAN_COEFFS[-1])
+    for c in _ATAN_COEFFS[-2::-1]:
+        poly = poly * s + c
+    r = t * poly
+    r = torch.where(ay > ax, math.pi / 2 - r, r)
+    r = torch.where(x < 0, math.pi - r, r)
+    return torch.where(y < 0, -r, r)
+
+
 class Atan2Scale(Transform):
     """Adam-atan2 (Everett et al., arXiv 2407.05872): ``u = a * atan2(u, b * denom)`` replaces
     ``u / (denom + eps)``; no epsilon, and ``|u| <= a * pi / 2``. Consumes the ``denom`` a moment
@@ -123,8 +158,9 @@ class Atan2Scale(Transform):
             bc1 = b.signals["bc1"]
             num = torch._foreach_mul(num, bc1)
             a = a / bc1
-        # torch has no multi-tensor atan2: one op per tensor (fused under compile=True)
-        u = [torch.atan2(x, d) for x, d in zip(num, denom)]
+        # torch has no multi-tensor atan2: one op per tensor; compiled, the pointwise form fuses
+        atan2 = atan2_pointwise if torch.compiler.is_compiling() else torch.atan2
+        u = [atan2(x, d) for x, d in zip(num, denom)]
         torch._foreach_mul_(u, a)
         b.set_u(u)
 
