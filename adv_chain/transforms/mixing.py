@@ -71,11 +71,19 @@ class AdEMAMix(Transform):
     def update(self, b: Any) -> None:
         m2 = b.state("exp_avg_slow")
         F.lerp_(m2, b.grads, b.s("one_minus_beta3"))
-        u = b.own_u()
         alpha = b.s("alpha")
         if self.args["slow_bias_correction"]:
             alpha = alpha / b.signals["bc1"]
-        F.add_scaled_(u, m2, alpha)
+        lazy = b.lazy_u
+        if lazy is not None and lazy[1] is None:
+            # u = m * scale still pending (Adam's m / (1 - b1^t)): u + alpha m2 = (m + (alpha/scale) m2) * scale
+            # stays pending, so the denominator and the terminal still fold into one addcdiv
+            num, _, scale = lazy
+            mixed = torch._foreach_mul(m2, alpha / scale)
+            torch._foreach_add_(mixed, num)
+            b.set_u_scaled(mixed, scale)
+            return
+        F.add_scaled_(b.own_u(), m2, alpha)
 
 
 @functools.lru_cache(maxsize=64)
