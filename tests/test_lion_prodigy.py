@@ -314,8 +314,9 @@ BAD = [
     (dict(orthogonal_gradient="sideways"), ValueError, "orthogonal_gradient"),
     (dict(cautious_mask="yes"), ValueError, "cautious_mask"),
     (dict(lr=-1.0), ValueError, "lr"),
-    (dict(nnmf_factor=True, kappa_p=1.5), NotImplementedError, "nnmf_factor"),
-    (dict(nnmf_factor=True, cautious_mask=True), NotImplementedError, "nnmf_factor"),
+    # nnmf_factor with Lion-K / cautious_mask works (tests/test_lion_prodigy_factored.py); bad flags are refused
+    (dict(nnmf_factor="yes", kappa_p=1.5), ValueError, "nnmf_factor"),
+    (dict(auto_kappa_p="yes", nnmf_factor=True), ValueError, "auto_kappa_p"),
     (dict(fsdp_in_use="yes"), ValueError, "fsdp_in_use"),
 ]
 

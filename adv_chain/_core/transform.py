@@ -100,6 +100,9 @@ class Transform:
     #: bucket's direction, parameters and gradients, so a compiled kernel of the previous segment
     #: computes it in the same pass that writes the direction (no eager pass over it afterwards)
     traceable_reduce: ClassVar[bool] = False
+    #: layer/global scope: the transform's own state keys its ``reduce`` reads; a state wrapper
+    #: (``factored_state``, ``low_precision_state``) rebuilds those it stores compressed for the reduce
+    reduce_reads_state: ClassVar[frozenset[str]] = frozenset()
     #: type names of transforms this one cannot share a chain with
     excludes: ClassVar[frozenset[str]] = frozenset()
     #: layer/global scope: the transform has a :meth:`prepare` step (elementwise work on the direction

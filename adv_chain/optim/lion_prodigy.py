@@ -36,10 +36,11 @@ class Lion_Prodigy_adv(_DropIn):  # noqa: N801 - the reference's class name
     ``safeguard_warmup=False``, ``fsdp_in_use=False``, ``slice_p=11``, ``prodigy_steps=0``,
     ``d_limiter=True``. ``fsdp_in_use=True`` sums Prodigy's numerator and ``sum |s|`` over the
     default process group (FSDP1 flat shards, ZeRO; see :class:`~adv_chain.optim.Prodigy`).
-    ``nnmf_factor=True`` with Lion-K or ``cautious_mask`` raises ``NotImplementedError``; the
-    reference's factored-path bug (``m`` updated with ``b1``) is not reproduced. ``group["d"]``
-    holds the current ``d`` (``d0`` before the first step; a 0-d tensor after it, no host sync:
-    ``float(group["d"])`` for a number); ``d``, ``d_max``, ``d_numerator`` and ``k`` are saved with
+    ``nnmf_factor=True`` stores the moment as SMMF factors, with the sign update, Lion-K and
+    ``cautious_mask`` alike (the factored state is rebuilt dense, read-only, for the per-tensor sums of
+    the reduction); the reference's factored-path bug (``m`` updated with ``b1``) is not reproduced.
+    ``group["d"]`` holds the current ``d`` (``d0`` before the first step; a 0-d tensor after it, no
+    host sync: ``float(group["d"])`` for a number); ``d``, ``d_max``, ``d_numerator`` and ``k`` are saved with
     ``state_dict`` under ``"lion_prodigy/..."`` in every param group. Also ``ac.optim.Prodigy_Lion_Adv``
     and ``ac.optim.Lion_Prodigy_Adv``.
 

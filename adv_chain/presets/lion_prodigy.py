@@ -40,10 +40,11 @@ def lion_prodigy_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: flo
     :func:`adv_chain.lion_prodigy`; bf16 weights are stochastically rounded once. The reference's
     factored path updates ``m`` with ``b1`` (a bug; ``b2`` is right): not reproduced. ``nnmf_factor``
     stores ``m`` SMMF-factored (:func:`factored_state` around the global transform; ``vector_reshape``
-    factors 1-D tensors too), with the sign update only. ``fsdp_in_use=True`` sums Prodigy's step
-    sums over the ranks of sharded plain tensors, as ``prodigy_adv`` (:func:`adv_chain.lion_prodigy`'s
-    ``sum_across_ranks``). Not implemented (``NotImplementedError`` naming the keyword):
-    ``nnmf_factor`` with Lion-K or the cautious mask.
+    factors 1-D tensors too), also with Lion-K and the cautious mask: the wrapper rebuilds ``m`` dense,
+    read-only and a chunk of whole tensors at a time, for the reduction that takes their per-tensor
+    sums (see ``reduce_reads_state``); otherwise as the reference's factored path (and its exact
+    zeros stay zeros, bug B18). ``fsdp_in_use=True`` sums Prodigy's step sums over the ranks of
+    sharded plain tensors, as ``prodigy_adv`` (:func:`adv_chain.lion_prodigy`'s ``sum_across_ranks``).
 
     >>> import adv_chain as ac
     >>> ac.presets.lion_prodigy_adv(weight_decay=0.1, cautious_wd=True).names
@@ -52,12 +53,8 @@ def lion_prodigy_adv(betas: tuple[float, float] = (0.9, 0.99), weight_decay: flo
     ('clip_by_tensor_norm', 'orthograd', 'lion_prodigy', 'weight_decay', 'apply')
     """
     name = "lion_prodigy_adv"
-    projected = kappa_p != 1.0 or checks.flag(name, "auto_kappa_p", auto_kappa_p) or cautious_mask
-    if checks.flag(name, "nnmf_factor", nnmf_factor) and projected:
-        raise NotImplementedError(f"{name}: nnmf_factor=True together with kappa_p={kappa_p!r}, auto_kappa_p="
-                                  f"{auto_kappa_p!r} or cautious_mask={cautious_mask!r} is not implemented (their "
-                                  "per-tensor sums read the dense moment inside Prodigy's reduction); use the sign "
-                                  "update (kappa_p=1.0, auto_kappa_p=False, cautious_mask=False) with nnmf_factor")
+    checks.flag(name, "auto_kappa_p", auto_kappa_p)
+    checks.flag(name, "nnmf_factor", nnmf_factor)
     checks.flag(name, "vector_reshape", vector_reshape)
     checks.nonneg(name, "weight_decay", weight_decay)
     return chain(

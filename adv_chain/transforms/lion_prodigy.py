@@ -90,8 +90,10 @@ class LionProdigy(Prodigy):
     cautious rescale stay sums over each rank's own shard, as the reference's.
 
     Deliberate differences from the reference: its factored path (``nnmf_factor``) updates ``m`` with
-    ``b1`` instead of ``b2`` - a bug, not reproduced (and factored state is not offered here); a
-    param group with ``lr = 0`` is left entirely untouched (no moment update, no statistics), where
+    ``b1`` instead of ``b2`` - a bug, not reproduced (factored state: wrap this transform in
+    :func:`factored_state`, which rebuilds ``m`` dense for the reduction, see
+    :attr:`reduce_reads_state`); a param group with ``lr = 0`` is left entirely untouched (no
+    moment update, no statistics), where
     the reference still updates ``m`` and ``s``. Unlike :func:`adv_chain.prodigy`, a step
     whose statistics are all zero (``sum |s| = 0``) still moves the parameters with the current ``d``,
     as the reference does.
@@ -162,6 +164,12 @@ class LionProdigy(Prodigy):
         """Whether the direction needs a per-tensor factor from the reduction."""
         a = self.args
         return a["kappa_p"] != 1.0 or a["auto_kappa_p"] or a["cautious"]
+
+    @property
+    def reduce_reads_state(self) -> frozenset[str]:  # type: ignore[override]
+        """The state keys :meth:`reduce` reads: the moment, for the per-tensor sums. A state wrapper
+        (:func:`factored_state`, :func:`low_precision_state`) rebuilds them dense for the reduce."""
+        return frozenset({"exp_avg"}) if self._scaled else frozenset()
 
     def state_specs(self, param: torch.Tensor, hp: Mapping[str, Any]) -> dict[str, StateSpec]:
         specs = super().state_specs(param, hp)  # Prodigy's statistics (s, p0) and its moments

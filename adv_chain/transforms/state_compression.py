@@ -16,6 +16,9 @@ fixed by each tensor's shape, so ``chunk_bytes`` never changes the numbers. The 
 ``"adam/exp_avg:row"``, param-group overrides stay ``"adam.betas"``, and the signals the inner
 transform publishes (``denom``) reach the transforms after it. The direction of a step is computed
 from the full-precision updated state, not from its compressed copy (as SMMF and adv_optm do).
+A global inner transform's ``reduce`` runs on the stored state; the compressed keys it lists in
+``reduce_reads_state`` (lion_prodigy's moment, for its Lion-K norms and cautious counts) are rebuilt
+for it the same way, whole tensors a chunk at a time, read-only (reading an unlisted one is an error).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from .state_codecs import (  # noqa: F401 - the formats, re-exported
     _TINY, _BIT_WEIGHTS, DEFAULT_CHUNK_BYTES, LOW_PRECISION_DTYPES, _TORCH_DTYPES, _PARTS, _bad, matrix_shape,
     nnmf, pack_bits, unpack_bits, reconstruct, compress, _state_float, _factored_layout, _build_part,
     round_to, quantize_blocks, dequantize_blocks)
-from .state_slices import FactoredCodec, LowPrecisionCodec, run_sliced
+from .state_slices import FactoredCodec, LowPrecisionCodec, reduce_dense, run_sliced
 
 
 # -- the wrappers ---------------------------------------------------------------------------------
@@ -117,10 +120,14 @@ class _StateWrapper(Transform):
     def host_scalars(self, h: HostView) -> dict[str, Any]:
         return self.inner.host_scalars(h)
 
-    # a global inner transform (Prodigy): its reduction runs on the stored state, unchanged (the
-    # state it reduces over is not compressed: only its moments are)
+    # a global inner transform (Prodigy, lion_prodigy): its reduction runs on the stored state; the
+    # compressed keys it declares in ``reduce_reads_state`` (lion_prodigy's moment, for its Lion-K
+    # norms and cautious counts) are rebuilt dense for it, read-only, a chunk of whole tensors at a
+    # time (:func:`~adv_chain.transforms.state_slices.reduce_dense`)
     def reduce(self, b: Any) -> list[torch.Tensor]:
-        return self.inner.reduce(b)
+        codecs, passing = self._codecs(b, b.own_states())
+        reads = self.inner.reduce_reads_state
+        return reduce_dense(self, b, codecs, passing, self._chunk_elems(sum(k in reads for k in codecs)))
 
     def finalize(self, values: list[torch.Tensor], layer_keys: list[Any], hp: Mapping[str, Any]) -> dict[str, Any]:
         return self.inner.finalize(values, layer_keys, hp)
@@ -235,13 +242,16 @@ class FactoredState(_StateWrapper):
                                                  build=_Builder(part, vr))
         return out
 
-    def update(self, b: Any, rest: tuple = ()) -> None:
-        stored = b.own_states()
+    def _codecs(self, b: Any, stored: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The factored keys' codecs and the state stored dense (passing through)."""
         factored = sorted({k.rpartition(":")[0] for k in stored if k.endswith(":row") and k[:-4] + ":col" in stored})
         parts = {f"{k}:{p}" for k in factored for p in _PARTS}
-        passing = {k: v for k, v in stored.items() if k not in parts}
-        run_sliced(self, b, {k: FactoredCodec(stored, k) for k in factored}, passing, self._chunk_elems(len(factored)),
-                   rest)
+        return ({k: FactoredCodec(stored, k) for k in factored},
+                {k: v for k, v in stored.items() if k not in parts})
+
+    def update(self, b: Any, rest: tuple = ()) -> None:
+        codecs, passing = self._codecs(b, b.own_states())
+        run_sliced(self, b, codecs, passing, self._chunk_elems(len(codecs)), rest)
 
 
 class _Builder:
@@ -358,17 +368,20 @@ class LowPrecisionState(_StateWrapper):
                 out[f"{key}:scale"] = StateSpec(kind="nonneg", build=_LowBuilder(mode, "scale", signed, block, spec.init))
         return out
 
-    def update(self, b: Any, rest: tuple = ()) -> None:
-        stored = b.own_states()
+    def _codecs(self, b: Any, stored: Mapping[str, Any], step: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The low-precision keys' codecs (their noise for ``step``) and the state passing through."""
         mode, block = self.options["dtype"], self.options["block_size"]
         low = (torch.int8, torch.uint8) if mode == "int8" else (_TORCH_DTYPES[mode],)
         keys = sorted(k for k, v in stored.items() if ":" not in k and v and v[0].dtype in low)
-        step = int(b.s("sr_step"))  # a static scalar: a Python int under compile=True too (no host sync)
         codecs = {k: LowPrecisionCodec(b, stored, k, block, noise_key(self.options["seed"], step, zlib.crc32(k.encode())))
                   for k in keys}
         scales = {f"{k}:scale" for k in keys}
-        passing = {k: v for k, v in stored.items() if k not in codecs and k not in scales}
-        run_sliced(self, b, codecs, passing, self._chunk_elems(len(keys)), rest)
+        return codecs, {k: v for k, v in stored.items() if k not in codecs and k not in scales}
+
+    def update(self, b: Any, rest: tuple = ()) -> None:
+        step = int(b.s("sr_step"))  # a static scalar: a Python int under compile=True too (no host sync)
+        codecs, passing = self._codecs(b, b.own_states(), step)
+        run_sliced(self, b, codecs, passing, self._chunk_elems(len(codecs)), rest)
 
 
 factored_state = FactoredState

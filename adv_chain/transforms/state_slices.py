@@ -251,6 +251,79 @@ def run_sliced(wrapper: Any, b: Any, codecs: dict[str, Any], passing: dict[str, 
         join.finish()
 
 
+class _Hidden(dict):
+    """The state a wrapped ``reduce`` sees: a read of a key the wrapper stores compressed and was
+    not asked to rebuild is an error naming the key (never the compressed codes read as values)."""
+
+    def __init__(self, states: dict[str, list[torch.Tensor]], wrapper: Any, hidden: Any) -> None:
+        super().__init__(states)
+        self.wrapper, self.hidden = wrapper, frozenset(hidden)
+
+    def __missing__(self, key: str) -> Any:
+        w = self.wrapper
+        if key in self.hidden:
+            raise KeyError(f"{w.type_name}: the reduce of {w.inner!r} reads its state {key!r}, which "
+                           f"{w.type_name} stores compressed; the inner transform must list {key!r} in its "
+                           "reduce_reads_state so that the wrapper rebuilds it dense for the reduce")
+        raise KeyError(key)
+
+
+def reduce_dense(wrapper: Any, b: Any, codecs: dict[str, Any], passing: dict[str, list[torch.Tensor]],
+                 chunk_elems: int) -> list[Any]:
+    """``wrapper.inner.reduce`` over bucket ``b``, whose state ``codecs`` (by key) are stored
+    compressed and ``passing`` dense. The keys the inner transform declares in
+    ``reduce_reads_state`` are rebuilt dense, read-only: whole tensors, a chunk of at most
+    ``chunk_elems`` elements (at least one tensor) at a time, in the chunk buffers of
+    :func:`run_sliced` (no memory beyond what the update keeps); nothing is compressed back. Other
+    compressed keys are hidden (reading one is an error naming it); ``passing`` state (e.g.
+    Prodigy's ``s``) is the stored tensors themselves, so what the reduce writes there stays. The
+    values (one per tensor) come in bucket order; one pointing into a chunk buffer is copied
+    before the next chunk reuses it. Without such keys the reduce runs on the whole bucket."""
+    reads = wrapper.inner.reduce_reads_state
+    dense = {k: c for k, c in codecs.items() if k in reads}
+    hidden = set(codecs) - set(dense)
+    n_params = len(b.params)
+    if not dense:
+        return wrapper.inner.reduce(b.part(list(range(n_params)), _Hidden(passing, wrapper, hidden)))
+    pool = scratch()
+    values: list[Any] = []
+    start = 0
+    while start < n_params:
+        stop, total = start + 1, b.params[start].numel()
+        while stop < n_params and total + b.params[stop].numel() <= chunk_elems:
+            total += b.params[stop].numel()
+            stop += 1
+        index = list(range(start, stop))
+        temps = {k: [v[i] for i in index] for k, v in passing.items()}
+        for key, codec in dense.items():
+            flat, offset, lst = None, 0, []
+            for i in index:
+                p = b.params[i]
+                x = codec.dense(i)  # a tensor the wrapper keeps dense (1-D without vector_reshape)
+                if x is None:
+                    if flat is None:
+                        flat = pool.get(f"state:{wrapper.name}:{key}", total, _float(p), p.device)
+                    x = flat[offset:offset + p.numel()]
+                    offset += p.numel()
+                    codec.load(i, None, x)
+                    x = x.view(p.shape)
+                lst.append(x)
+            temps[key] = lst
+        out = wrapper.inner.reduce(b.part(index, _Hidden(temps, wrapper, hidden)))
+        values.extend(_own(out, pool))
+        start = stop
+    return values
+
+
+def _own(values: list[Any], pool: Any) -> list[Any]:
+    """``values`` with every tensor that lies in a ``state:*`` chunk buffer of ``pool`` copied."""
+    def own(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.clone() if pool.holds("state:", v) else v
+        return type(v)(own(x) for x in v) if isinstance(v, (list, tuple)) else v
+    return [own(v) for v in values]
+
+
 def _exported(sub: Any) -> set[int]:
     """Storages of the tensors a part hands back (direction, per-tensor signals, decay terms)."""
     lazy = sub.lazy_u
