@@ -1,7 +1,9 @@
 """Lion_Prodigy_adv (adv_optm 2.2.3, spec §9.6): ``ac.optim.Lion_Prodigy_adv`` and the
 ``lion_prodigy_adv`` preset against the spec's formulas (§9.6 with Prodigy's statistics §2.3, the
 cautious mask §9.2, ``clip_threshold`` §9.5, Lion-K §5.2, flattened OrthoGrad §3.1), written out
-below in plain torch: adv-optm 2.2.3 is not installed, so the formulas are the oracle.
+below in plain torch: adv-optm 2.2.3 is not among the pinned test peers (it cannot be installed
+next to 2.5.16), so the formulas are the oracle (tests/test_lion_prodigy_factored.py also compares
+against the real 2.2.3 where it is installed apart).
 
 Precision. Prodigy's numerator ``<g, p0 - p>`` takes the difference of nearly equal weights: with
 fp32 weights near 0.5 and Lion steps of ``d * lr = 1e-6`` the displacement is a few dozen ulps, so a
@@ -48,14 +50,31 @@ def set_grads(params: list[torch.Tensor], t: int) -> None:
         p.grad = (2 * w.to(x) * (x - target.to(x)) + 0.5 * noise.to(x)).to(p.dtype)
 
 
+def smmf_round_trip(m: torch.Tensor) -> torch.Tensor:
+    """``m`` as SMMF (spec §4.4) stores and rebuilds it: the ``d1 x d2`` matricization (``d2`` the
+    largest divisor of N not above sqrt(N)), the rank-1 non-negative factorization of ``|M|`` (row
+    sums r, column sums c: ``|M| ~ r c^T / sum(r)``), and one sign bit per element (``m > 0``);
+    exact zeros stay zero (adv_chain's fix of B18; the oracle's gradients have none anyway)."""
+    n = m.numel()
+    d2 = max(k for k in range(1, math.isqrt(n) + 1) if n % k == 0)
+    a = m.reshape(n // d2, d2).abs()
+    r, c = a.sum(1), a.sum(0)
+    rebuilt = torch.outer(r, c) / r.sum().clamp_min(1e-300)
+    sign = torch.where(m.reshape(a.shape) > 0, 1.0, -1.0).to(m.dtype)
+    return torch.where(m.reshape(a.shape) == 0, 0.0, sign * rebuilt).view_as(m)
+
+
 class Reference:
     """Lion_Prodigy_adv per spec §9.6 / §2.3, one parameter at a time, fp64 arithmetic."""
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.99), weight_decay=0.0, cautious_wd=False,
                  orthogonal_gradient=False, cautious_mask=False, clip_threshold=0.0, kappa_p=1.0,
                  auto_kappa_p=False, beta3=None, d0=1e-6, d_coef=1.0, growth_rate=math.inf,
-                 safeguard_warmup=False, slice_p=11, prodigy_steps=0, d_limiter=True, **_ignored):
+                 safeguard_warmup=False, slice_p=11, prodigy_steps=0, d_limiter=True, nnmf_factor=False,
+                 vector_reshape=False, **_ignored):
         self.params, self.lr, self.betas, self.wd = params, lr, betas, weight_decay
+        self.factored = nnmf_factor
+        self.vector_reshape = vector_reshape
         self.cautious_wd, self.ortho, self.cautious, self.clip = cautious_wd, orthogonal_gradient, cautious_mask, \
             clip_threshold
         self.kappa_p, self.auto, self.beta3, self.d0, self.d_coef = kappa_p, auto_kappa_p, beta3, d0, d_coef
@@ -94,6 +113,8 @@ class Reference:
             g = self._gradient(p64, p.grad.double())
             c = b1 * st["m"] + d * (1 - b1) * g
             st["m"] = b2 * st["m"] + d * (1 - b2) * g
+            if self.factored and (p.dim() >= 2 or self.vector_reshape):
+                st["m"] = smmf_round_trip(st["m"])  # stored as SMMF factors: next step reads it back
             kappa = (2.0 if p.dim() >= 4 else 1.0) if self.auto else self.kappa_p
             if kappa == 1.0:
                 u = torch.sign(c)
@@ -175,6 +196,34 @@ def test_matches_spec_formulas(kw):
     parameters after every step within 1e-7 of the distance they can have moved."""
     _, ref, ds = _run_pair(kw)
     assert ds[-1][1] > 3e-6, "d never moved: the comparison would be vacuous"
+
+
+FACTORED = {
+    "factored-kappa2": dict(slice_p=3, kappa_p=2.0, d_limiter=False, nnmf_factor=True),
+    "factored-auto-kappa-vector-reshape": dict(slice_p=3, auto_kappa_p=True, d_limiter=False, lr=2.0,
+                                               nnmf_factor=True, vector_reshape=True),
+    "factored-cautious-cwd": dict(slice_p=3, weight_decay=0.05, cautious_wd=True, cautious_mask=True,
+                                  nnmf_factor=True),
+    "factored-kappa1.5-cautious-clip-orthograd": dict(slice_p=1, kappa_p=1.5, cautious_mask=True, clip_threshold=0.5,
+                                                      orthogonal_gradient=True, d_limiter=False, nnmf_factor=True),
+}
+
+
+@pytest.mark.parametrize("kw", list(FACTORED.values()), ids=list(FACTORED))
+def test_factored_moment_with_lion_k_and_cautious_matches_spec_formulas(kw):
+    """``nnmf_factor=True`` with Lion-K / the cautious mask: the formulas above with the moment
+    stored as SMMF factors after each update (:func:`smmf_round_trip`), on fp64 parameters. The
+    factors are kept in fp32, so d and the parameters are compared within 1e-5 relative; the factored
+    formulas also end apart from the dense ones (the comparison is not vacuous)."""
+    opt, ref, ds = _run_pair(kw, rel=1e-5)
+    assert ds[-1][1] > 3e-6
+    dense = {k: v for k, v in kw.items() if k not in ("nnmf_factor", "vector_reshape")}
+    dense_ref = Reference(make_params(torch.float64), **dense)
+    for t in range(25):
+        set_grads(dense_ref.params, t)
+        dense_ref.step()
+    apart = max((a.detach() - b.detach()).abs().max().item() for a, b in zip(ref.params, dense_ref.params))
+    assert apart > 1e-7, "factoring changed nothing"
 
 
 @pytest.mark.parametrize("name", ["slice3-cautious-cwd", "slice1-kappa1.5-cautious-wd"])
