@@ -11,7 +11,7 @@ class SignSGD_adv(_DropIn):  # noqa: N801 - the reference's class name
     """adv_optm's ``SignSGD_adv`` as a chain (preset ``signsgd_adv``; Signum, arXiv 1802.04434):
     every 2.5.16 keyword with its default; ``compiled_optimizer=True`` means ``compile=True``.
     ``spectral_normalization=True`` -> :func:`adv_chain.spectral_normalization`; ``geometric_wd`` with
-    ``centered_wd`` is refused by name.
+    ``centered_wd`` decays toward the anchor by the signed target of the distance, as the reference.
 
     >>> import torch, adv_chain as ac
     >>> model = torch.nn.Linear(4, 2)
@@ -45,7 +45,8 @@ class SignSGD_adv(_DropIn):  # noqa: N801 - the reference's class name
 class SinkSGD_adv(_DropIn):  # noqa: N801 - the reference's class name
     """adv_optm's ``SinkSGD_adv`` as a chain (preset ``sinksgd_adv``; SinkGD, arXiv 2502.06742): every
     2.5.16 keyword with its default (``lr=1e-3``, ``momentum=0``, ``sinkhorn_iterations=5``);
-    ``compiled_optimizer=True`` means ``compile=True``.
+    ``compiled_optimizer=True`` means ``compile=True``. ``geometric_wd`` with ``centered_wd`` works as
+    the reference's (vectors: signed target of the distance to the anchor; matrices: scaled by ``S``).
 
     >>> import torch, adv_chain as ac
     >>> model = torch.nn.Linear(4, 2)

@@ -44,8 +44,8 @@ def tensor_clip_stage(preset: str, clip_threshold: float) -> tuple[Transform, ..
     return (T.clip_by_tensor_norm(clip_threshold),)
 
 
-def _common(preset: str, normed_momentum: bool, snr_cond: bool, momentum: float, geometric_wd: bool,
-            centered_wd: float) -> tuple[bool, bool, bool]:
+def _common(preset: str, normed_momentum: bool, snr_cond: bool, momentum: float,
+            geometric_wd: bool) -> tuple[bool, bool, bool]:
     normed = checks.flag(preset, "normed_momentum", normed_momentum)
     snr = checks.flag(preset, "snr_cond", snr_cond)
     checks.unit_interval(preset, "momentum", momentum)
@@ -53,12 +53,7 @@ def _common(preset: str, normed_momentum: bool, snr_cond: bool, momentum: float,
         raise ValueError(f"{preset}: snr_cond=True needs normed_momentum=True and momentum > 0 (got normed_momentum="
                          f"{normed_momentum!r}, momentum={momentum!r}): it measures the noise of a momentum of "
                          "normalized gradients")
-    geometric = checks.flag(preset, "geometric_wd", geometric_wd)
-    if geometric and checks.nonneg(preset, "centered_wd", centered_wd) > 0:
-        raise NotImplementedError(f"{preset}: centered_wd={centered_wd!r} together with geometric_wd=True (a signed "
-                                  "target for the distance to the anchor) is not implemented yet; leave one of "
-                                  "them off")
-    return normed, snr, geometric
+    return normed, snr, checks.flag(preset, "geometric_wd", geometric_wd)
 
 
 def _decay(weight_decay: float, cautious_wd: bool, geometric: bool, structural: bool, stochastic: bool,
@@ -84,13 +79,16 @@ def signsgd_adv(momentum: float = 0.9, weight_decay: float = 0.0, geometric_wd: 
         normed_momentum=False:  m = beta*m + (1-beta)*g ;  u = S(m)   (nesterov: S((1-c)*g + c*m))
         normed_momentum=True:   x = S(g) ; m = beta*m + (1-beta)*x ;  u = m
                                 (nesterov: (1-c)*|m_prev|*x + c*m ;  snr_cond: (4/pi)*atan2(u, sqrt(1-m_prev^2)))
-        p <- p - lr*u - lr*weight_decay*(p, or the geometric target with geometric_wd)
+        p <- p - lr*u - lr*weight_decay*(p, or the geometric target T(p) with geometric_wd)
+               - lr*centered_wd*(p' - a, or T(p - a) with geometric_wd and weight_decay > 0)
 
     ``S`` = :func:`sign`, or :func:`stochastic_sign` with ``stochastic_sign=True``; the momentum is
     :func:`sign_momentum` (``momentum=0``: plain signSGD, no state); ``snr_cond`` ->
     :func:`snr_condition`; ``geometric_wd`` -> :func:`geometric_wd` (signed target, stochastic with
-    ``stochastic_sign``); ``state_precision``/``nnmf_factor`` wrap the momentum as the other
-    presets do. Defaults (``momentum=0.9``; the drop-in's ``lr=1e-4``) are the reference's.
+    ``stochastic_sign``), which also shapes :func:`centered_wd`'s pull toward the anchor ``a`` (the
+    signed target of the distance, as adv-optm 2.5.16; ``p'``: the weights after the other decay);
+    ``state_precision``/``nnmf_factor`` wrap the momentum as the other presets do. Defaults
+    (``momentum=0.9``; the drop-in's ``lr=1e-4``) are the reference's.
 
     >>> import adv_chain as ac
     >>> ac.presets.signsgd_adv(weight_decay=0.1).names
@@ -99,7 +97,7 @@ def signsgd_adv(momentum: float = 0.9, weight_decay: float = 0.0, geometric_wd: 
     ('sign', 'sign_momentum', 'snr_condition', 'weight_decay', 'apply')
     """
     name = "signsgd_adv"
-    normed, snr, geometric = _common(name, normed_momentum, snr_cond, momentum, geometric_wd, centered_wd)
+    normed, snr, geometric = _common(name, normed_momentum, snr_cond, momentum, geometric_wd)
     stochastic = checks.flag(name, "stochastic_sign", stochastic_sign)
     direction = T.stochastic_sign(seed=seed) if stochastic else T.sign()
     return chain(
@@ -135,8 +133,10 @@ def sinksgd_adv(momentum: float = 0.0, weight_decay: float = 0.0, sinkhorn_itera
         nesterov, snr_cond:     as signsgd_adv, snr_cond with row/column variances for matrices
 
     ``geometric_wd`` -> ``geometric_wd(structural=True)``: matrices decay by a row/column structural
-    scaler, vectors toward the signed target. Defaults (``momentum=0``, ``sinkhorn_iterations=5``;
-    the drop-in's ``lr=1e-3``) are the reference's.
+    scaler ``S``, vectors toward the signed target ``T(p)``. With ``centered_wd`` too, matrices decay
+    toward the anchor by ``S * (p' - a)`` (while ``weight_decay > 0``, else ``p' - a``), vectors by
+    ``T(p - a)`` (also at ``weight_decay=0``), as adv-optm 2.5.16. Defaults (``momentum=0``,
+    ``sinkhorn_iterations=5``; the drop-in's ``lr=1e-3``) are the reference's.
 
     >>> import adv_chain as ac
     >>> ac.presets.sinksgd_adv().names
@@ -145,7 +145,7 @@ def sinksgd_adv(momentum: float = 0.0, weight_decay: float = 0.0, sinkhorn_itera
     ('sinkhorn', 'sign_momentum', 'snr_condition', 'weight_decay', 'apply')
     """
     name = "sinksgd_adv"
-    normed, snr, geometric = _common(name, normed_momentum, snr_cond, momentum, geometric_wd, centered_wd)
+    normed, snr, geometric = _common(name, normed_momentum, snr_cond, momentum, geometric_wd)
     if not isinstance(sinkhorn_iterations, int) or isinstance(sinkhorn_iterations, bool) or sinkhorn_iterations < 0:
         raise ValueError(f"{name}: sinkhorn_iterations={sinkhorn_iterations!r} must be an int >= 0")
     direction = T.sinkhorn(iterations=sinkhorn_iterations,

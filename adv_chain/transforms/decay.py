@@ -203,6 +203,10 @@ class CenteredWeightDecay(Transform):
     measures the distance from the already decayed weights). ``cautious=True`` decays only where it
     agrees with the update, ``1[u * (p' - a) >= 0]`` (§7.2). Fed by ``group["centered_wd"]``.
 
+    After a :func:`geometric_wd`, a tensor it decays toward a signed target (its ``decay_target``
+    signal, spec §7.5) is decayed by that target built from the distance instead: ``p' - a`` becomes
+    ``T(p - a)`` (from the weights before any decay, as adv_optm's ``cwd_target``), in the mask too.
+
     ``anchor`` is how ``a`` is stored (state ``anchor``, plus ``anchor_scale``/``anchor_min``):
     ``"float8"`` (default, as adv_optm: float8_e4m3fn, 3 mantissa bits, ``|a| < 2^-9`` flushes toward
     zero, beyond 448 unrepresentable), ``"int8"`` (blocks of 128 of the flattened tensor, per-block
@@ -225,7 +229,7 @@ class CenteredWeightDecay(Transform):
     default_name = "centered_wd"
     stage = "decay"
     writes = frozenset({"decay"})
-    consumes = frozenset({"sig:wd_scale"})
+    consumes = frozenset({"sig:wd_scale", "sig:decay_target"})  # optional: fisher_wd's, geometric_wd's
     hparams = {"strength": HParam("centered_wd", checks.nonneg)}
 
     def __init__(self, strength: float = 0.1, anchor: str = "float8", cautious: bool = False, *,
@@ -274,12 +278,16 @@ class CenteredWeightDecay(Transform):
         coef = WeightDecay._coef(b)
         if F.is_zero(coef):
             return
-        p32 = _fp32(b.params)
+        p32 = undecayed = _fp32(b.params)
+        anchors = self._anchors(b)
         if not F.is_zero(b.decay_coef):  # p' = p * (1 - decay_coef) - decay
             p32 = F.decayed(p32, b.decay_coef)
         if b.decay is not None:
             p32 = torch._foreach_sub(p32, b.decay)
-        dist = torch._foreach_sub(p32, self._anchors(b))
+        dist = torch._foreach_sub(p32, anchors)
+        shaped = b.signals.get("decay_target")  # per tensor: None, or geometric_wd's signed target T(.)
+        if shaped is not None:  # T(p - a) from the undecayed weights (spec §7.5); p' - a for the others
+            dist = [d if t is None else t(x - a) for d, t, x, a in zip(dist, shaped, undecayed, anchors)]
         if self.args["cautious"]:
             torch._foreach_mul_(dist, _agree_mask(b.u, dist))
         scale = b.signals.get("wd_scale")

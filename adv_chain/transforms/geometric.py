@@ -2,6 +2,7 @@
 decoupled decay reshaped to the geometry of a sign or Sinkhorn update."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -60,6 +61,15 @@ class GeometricWD(Transform):
       decay more. ``S`` is also published as ``wd_scale`` (1 for vectors), which a later
       :func:`centered_wd` multiplies its decay by, as the reference scales both.
 
+    A later :func:`centered_wd` takes the same geometry (the reference's ``cwd_target``): for every
+    tensor decayed toward a signed target, this publishes the ``decay_target`` signal, with which
+    the centered term becomes ``strength * lr * M' * T(p - a)``, the signed target built from the
+    distance of the undecayed weights to the anchor ``a`` (same SNR denominator; stochastic with
+    ``stochastic=True``, from noise of its own) and ``M' = 1[u * T(p - a) >= 0]`` when cautious.
+    ``structural=True`` (SinkSGD) publishes it for vectors even while ``weight_decay`` is 0, and its
+    matrices keep ``p' - a`` scaled by ``S``; ``structural=False`` (SignSGD) publishes nothing while
+    ``weight_decay`` is 0 (the centered term is then the plain ``p - a``), as the reference.
+
     ``M = 1[u * p >= 0]`` with ``cautious=True`` (adv_optm's ``cautious_wd``), else 1. ``T`` is
     computed from the weights before the step. Nothing is decayed while ``weight_decay`` is 0 (the
     reference's rule). Fed by ``group["weight_decay"]``. Needs whole tensors.
@@ -75,7 +85,9 @@ class GeometricWD(Transform):
     scope = "tensor"
     consumes = frozenset({"sig:prev_momentum"})  # optional: the SNR level, when a momentum publishes it
     hparams = {"weight_decay": HParam("weight_decay", checks.nonneg)}
-    static_scalars = frozenset({"vector_tagged"})
+    static_scalars = frozenset({"vector_tagged", "wd_on"})
+    #: the noise of the centered target's stochastic sign: the tensor keys xor this
+    CENTERED_SALT = 0x2C1B3C6D
 
     def __init__(self, weight_decay: float = 0.01, structural: bool = False, cautious: bool = False,
                  stochastic: bool = False, seed: int = 0, *, name: str | None = None) -> None:
@@ -92,40 +104,56 @@ class GeometricWD(Transform):
 
     @property
     def writes(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"decay", "sig:wd_scale"}) if self.args["structural"] else frozenset({"decay"})
+        return self.optional_signals | {"decay"}
 
     @property
     def optional_signals(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"sig:wd_scale"}) if self.args["structural"] else frozenset()
+        # decay_target: read only by a later centered_wd
+        return frozenset({"sig:wd_scale", "sig:decay_target"}) if self.args["structural"] else frozenset(
+            {"sig:decay_target"})
 
     def host_scalars(self, h: HostView) -> dict[str, Any]:
-        return {"coef": h.hp["weight_decay"] * h.lr, "vector_tagged": vector_tagged(h),
+        wd = h.hp["weight_decay"]
+        return {"coef": wd * h.lr, "wd_on": wd > 0, "vector_tagged": vector_tagged(h),
                 **key_halves(h.hp["seed"], h.step, 0x6E0D)}
 
     def update(self, b: Any) -> None:
         coef = WeightDecay._coef(b)
-        if F.is_zero(coef):
+        structural, stochastic = self.args["structural"], self.args["stochastic"]
+        on = b.s("wd_on")  # static (weight_decay > 0): the reference's switch, for the centered target too
+        if not (on or structural):
             return
+        decaying = on and not F.is_zero(coef)
         prev = b.signals.get("prev_momentum")
         tagged = b.s("vector_tagged")
-        keys = tensor_keys(b) if self.args["stochastic"] else [None] * len(b.params)
-        terms, scales = [], []
+        keys = tensor_keys(b) if stochastic else [None] * len(b.params)
+        terms, scales, targets = [], [], []
         for i, p in enumerate(b.params):
-            p32 = p.detach().float()
             m = None if prev is None else prev[i]
             vector = is_vector(p, tagged)
-            if vector or not self.args["structural"]:
-                terms.append(signed_target(p32, m, self.args["stochastic"], keys[i], vector))
+            signed = vector or not structural
+            # centered_wd's target: T(p - a), computed there from the distance
+            targets.append(functools.partial(signed_target, prev=m, stochastic=stochastic, vector=vector,
+                                             key=None if keys[i] is None else keys[i] ^ self.CENTERED_SALT)
+                           if signed else None)
+            if not decaying:
+                continue
+            p32 = p.detach().float()
+            if signed:
+                terms.append(signed_target(p32, m, stochastic, keys[i], vector))
                 scales.append(torch.ones((), device=p.device))
             else:
                 s = structural_scaler(p32, m)
                 terms.append(s * p32)
                 scales.append(s)
+        b.signals["decay_target"] = targets
+        if not decaying:
+            return
         if self.args["cautious"]:
             torch._foreach_mul_(terms, _agree_mask(b.u, [p.detach().float() for p in b.params]))
         torch._foreach_mul_(terms, coef)
         b.add_decay(terms)
-        if self.args["structural"]:
+        if structural:
             b.signals["wd_scale"] = scales
 
 
