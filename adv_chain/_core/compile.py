@@ -88,7 +88,33 @@ def make_kernel(transforms: tuple, layout: Layout, options: Mapping[str, Any]) -
     # dynamo keeps its compiled-graph cache on the code object: give every kernel its own, so that
     # kernels of different layouts never count against each other's recompile limit
     kernel.__code__ = kernel.__code__.replace(co_name=f"adv_chain_segment_kernel_{next(_KERNEL_IDS)}")
-    return torch.compile(kernel, **{"dynamic": True, "fullgraph": True, **options})
+    return _EagerOnCompilerFailure(kernel, torch.compile(kernel, **{"dynamic": True, "fullgraph": True, **options}),
+                                   transforms)
+
+
+class _EagerOnCompilerFailure:
+    """A compiled kernel that, if the compiler itself fails on it (an inductor bug: torch 2.13's CPU
+    codegen raises ``KeyError: 'bufN'`` on sinkhorn -> cautious_wd -> centered_wd), runs the same
+    segment eagerly from then on, with one warning. Compilation fails before the graph runs, so
+    nothing was written yet; the eager body is the function that was being compiled."""
+
+    def __init__(self, eager: Callable[..., Any], compiled: Callable[..., Any], transforms: tuple) -> None:
+        self.eager, self.compiled, self.transforms = eager, compiled, transforms
+
+    def __call__(self, *tensors: torch.Tensor) -> Any:
+        if self.compiled is None:
+            return self.eager(*tensors)
+        try:
+            return self.compiled(*tensors)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            import warnings
+
+            self.compiled = None
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            warnings.warn(f"adv_chain: torch.compile failed on the segment {[t.name for t in self.transforms]} "
+                          f"({reason}); that segment runs eagerly from now on (same numbers, eager speed)",
+                          RuntimeWarning, stacklevel=3)
+            return self.eager(*tensors)
 
 
 class ScalarCache:
