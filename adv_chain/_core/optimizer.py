@@ -13,7 +13,7 @@ from .compile import ScalarCache, layout_and_tensors, make_kernel, noise_key_ten
 from .numerics import noise_key
 from .barrier import run_barrier, run_barrier_lagged
 from . import distributed
-from .plan import (Segment, Work, accumulation_transforms, build_plan, flat_view, pipelines,
+from .plan import (COMPILED_PART_GROUPS, Segment, Work, accumulation_transforms, build_plan, flat_view, pipelines,
                    segment_body, separate_buffers, split_work,
                    store_materialized)
 from .tags import param_tags, route_tags, with_tags
@@ -274,8 +274,9 @@ class ChainOptimizer(torch.optim.Optimizer):
             # per-tensor barriers only: the whole plan runs on a few tensors at a time, so the
             # direction handed across a barrier exists for those tensors only (in one reused buffer)
             pool: dict[Any, torch.Tensor] = {}
+            budget = self._group_elems * (COMPILED_PART_GROUPS if self._compile_options is not None else 1)
             for w in works:
-                for part in split_work(w, self._group_elems):
+                for part in split_work(w, budget):
                     part.pool = pool
                     self._run_plan([part], lagged)
             return None
@@ -319,10 +320,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         if self._compiled(seg):
             scalars = tensor_scalars(self._scalar_cache, w, seg.transforms)
             keys = noise_key_tensors(self._scalar_cache, w)
-            # one call per group of same-sized tensors: the compiled kernel loops over them in one go
+            # one call per group of same-sized tensors (the kernel loops over them), or per part of
+            # a pipelined step (mixed sizes: compiled once per part layout)
             by_size: dict[int, list[tuple[int, Any, Any]]] = {}
             for i, p in enumerate(w.params):
-                by_size.setdefault(p.numel(), []).append((i, None, None))
+                by_size.setdefault(0 if w.pool is not None else p.numel(), []).append((i, None, None))
             for pieces in by_size.values():
                 self._run_pieces(si, seg, w, pieces, source, owned, states, scalars, keys)
             return

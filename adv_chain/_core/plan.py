@@ -262,6 +262,11 @@ def separate_buffers(w: Work, si: int, kept: dict[Any, torch.Tensor]) -> list[to
     return out
 
 
+#: a pipelined step under compile=True runs parts of this many chunk_elems groups, one kernel call
+#: per part (per-call overhead ~50 us; a part's direction stays in the last-level cache)
+COMPILED_PART_GROUPS = 16
+
+
 def split_work(w: Work, budget: int) -> list[Work]:
     """``w`` as consecutive parts of whole tensors of about ``budget`` elements (at least one
     tensor each); each part carries its tensors' states, scalars and noise keys."""
