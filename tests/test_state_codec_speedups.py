@@ -172,3 +172,112 @@ def test_codec_working_in_chunk_buffers_changes_nothing(make):
     assert len(fast) == len(slow)
     for a, b in zip(fast, slow):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+# -- the one-segment fast path of quantize_range (whole blocks, or one short block, inside one noise
+# segment: the slices the wrappers cut) against the general path, which it must match bit for bit:
+# codes, scales, and even the NaN payload and the sign of a zero scale ------------------------------
+from adv_chain.transforms import low_precision  # noqa: E402
+from adv_chain.transforms.work_buffers import scratch  # noqa: E402
+
+_P = 65536
+
+
+def _hard_inputs(n, seed, kind):
+    if kind != "zeros":
+        return _inputs(n, seed, kind)
+    g = torch.Generator().manual_seed(seed)  # blocks of +-0 and negatives: the sign of a zero max
+    x = torch.where(torch.rand(n, generator=g) < 0.5, torch.tensor(-0.0), torch.tensor(0.0))
+    x[torch.rand(n, generator=g) < 0.2] = -1.0
+    nan = torch.tensor([0x7FC00001, -0x003FFFFF, 0x7F800001], dtype=torch.int32).view(torch.float32)
+    x[min(n - 1, 3)] = nan[seed % 3]  # a NaN with a payload (and with the sign bit) in the first block
+    return x
+
+
+def _quantize_both(x, signed, block, offset, key, consume, monkeypatch):
+    runs = []
+    for general in (False, True):
+        if general:
+            monkeypatch.setattr(low_precision, "_one_segment", lambda *a: None)
+        q = torch.empty(x.numel(), dtype=torch.int8 if signed else torch.uint8)
+        scale = torch.empty(-(-x.numel() // block))
+        quantize_range(x.clone(), signed, block, offset, key, q, scale, Scratch(), consume=consume)
+        runs.append((q, scale))
+        monkeypatch.undo()
+    return runs
+
+
+@pytest.mark.parametrize("n,block,offset", [
+    (4 * _P, 2048, 0), (4 * _P, 2048, 3 * _P), (4 * _P, 256, 8 * _P), (2 * _P, 64, _P), (_P, 2048, 0),
+    (3 * 2048, 2048, 2048 * 5), (_P - 256, 256, 256), (2048, 2048, 0), (512, 2048, 4096), (1536, 2048, 0),
+    (1, 64, 64 * 3), (300, 100, 100 * 7),
+])
+@pytest.mark.parametrize("signed", [True, False])
+def test_one_segment_fast_path_matches_the_general_path(n, block, offset, signed, monkeypatch):
+    key = 0x5EED0000 + n % 977 + offset % 1013
+    assert low_precision._one_segment(n, block, offset, key) is not None  # these take the fast path
+    for ki, kind in enumerate(("signed" if signed else "nonneg", "nonfinite", "zeros")):
+        x = _hard_inputs(n, n + ki, kind)
+        if not signed and kind != "zeros":
+            x = x.abs()
+        ref_q, ref_scale = _ref_quantize(x, signed, block, offset, key)
+        for consume in (False, True):
+            (q, scale), (q_gen, scale_gen) = _quantize_both(x, signed, block, offset, key, consume, monkeypatch)
+            assert torch.equal(q, q_gen) and torch.equal(q, ref_q), (kind, consume)
+            assert torch.equal(scale.view(torch.int32), scale_gen.view(torch.int32)), (kind, consume)  # all bits
+            assert _same_float_bits(scale, ref_scale), (kind, consume)
+
+
+def test_one_segment_leaves_the_other_ranges_to_the_general_path():
+    assert low_precision._one_segment(5 * _P, 2048, 0, 7) is None  # more noise blocks than one view holds
+    assert low_precision._one_segment(2 * _P, 2048, 1024 * 2048 + 2048, 7) is None  # crosses noise blocks
+    assert low_precision._one_segment(2048 + 512, 2048, 0, 7) is None  # a short last block after whole ones
+    assert low_precision._one_segment(3 * 100 * 700, 100, 0, 7) is None  # blocks across noise blocks
+    assert low_precision._one_segment(4096, 2048, 0, torch.tensor(7, dtype=torch.int32)) is None  # compile's keys
+    assert low_precision._one_segment(0, 2048, 0, 7) is None
+
+
+def test_dequantize_one_short_block():
+    q = torch.tensor([-127, 0, 5, 127], dtype=torch.int8)
+    scale = torch.tensor([0.37])
+    out = torch.empty(4)
+    dequantize_range(q, scale, 2048, out)
+    assert torch.equal(out, q.float() * 0.37)
+
+
+def test_int8_state_fast_path_changes_nothing_in_a_run(monkeypatch):
+    """The benchmark's shapes (slices of 4 noise blocks, whole 512 x 512 tensors, small vectors):
+    AdamW_adv(int8_sr) with and without the fast path, bit for bit."""
+    def run():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(1024, 640), (512, 512), (512,), (1536,), (7, 3)]]
+        opt = ac.optim.AdamW_adv(params, lr=1e-2, state_precision="int8_sr")
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape) * 10.0 ** (step - 1)
+            opt.step()
+        return [p.detach() for p in params] + [v for st in opt.state.values() for _, v in sorted(st.items())
+                                               if isinstance(v, torch.Tensor)]
+    fast = run()
+    monkeypatch.setattr(low_precision, "_one_segment", lambda *a: None)
+    general = run()
+    for a, b in zip(fast, general, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+
+
+def test_scratch_hands_out_the_buffer_and_knows_what_it_holds():
+    s, dev = Scratch(), torch.device("cpu")
+    a = s.get("state:x", 100, torch.float32, dev)
+    assert s.get("state:x", 100, torch.float32, dev) is a  # the whole buffer: no slicing op
+    part = s.get("state:x", 40, torch.float32, dev)
+    assert part.numel() == 40 and part.data_ptr() == a.data_ptr()
+    other = s.get("work", 50, torch.float32, dev)
+    assert s.holds("state:", a[10:20]) and s.holds("state:", part) and not s.holds("state:", other)
+    assert s.holds("wo", other[3:]) and not s.holds("state:", torch.empty(100))
+    grown = s.get("state:x", 500, torch.float32, dev)  # grown: the old buffer is no longer the pool's
+    assert s.holds("state:", grown) and not s.holds("state:", a)
+    s.drop("state:x", torch.float32, dev)
+    assert not s.holds("state:", grown) and s.holds("wo", other)
+    empty = s.get("state:e", 0, torch.float32, dev)  # a zero-size buffer (no address: the scan)
+    assert s.holds("state:", empty)
+    assert scratch() is scratch()

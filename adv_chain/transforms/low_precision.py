@@ -142,6 +142,27 @@ def _noisy_quotient(x: torch.Tensor, denom: torch.Tensor, offset: Any, key: Any,
         torch.addcdiv(noise, xs, d, out=dst)
 
 
+def _one_segment(n: int, block: int, offset: Any, key: Any) -> tuple | None:
+    """The noise of ``n`` elements from element ``offset`` under host ``key`` (whole blocks of
+    ``block``, or one short block) when :func:`_noise_segments` yields it as one segment: ``(shape,
+    strides, start)`` of one strided view of the table, shaped ``(noise blocks, blocks in one,
+    block)``, or flat for a single block. ``None`` otherwise (tensor keys, a short last block after
+    whole ones, a range crossing a noise block)."""
+    if type(offset) is not int or type(key) is not int or not n or (n % block and n > block):
+        return None
+    width = min(n, block)
+    g, j = divmod(offset, _PERIOD)
+    a, d = _noise_params(key)
+    start = (a + g * d) % _PERIOD
+    if n == width and j + n <= _PERIOD:  # one block (a small tensor): flat
+        return (n,), (1,), start + j
+    if j + n <= _PERIOD:  # inside one noise block: a window
+        return (1, n // width, width), (n, width, 1), start + j
+    if j == 0 and n % _PERIOD == 0 and n <= (_REPEAT - 2) * _PERIOD and _PERIOD % block == 0:
+        return (n // _PERIOD, _PERIOD // block, block), (d, block, 1), start  # whole noise blocks, stride d
+    return None
+
+
 def quantize_range(x: torch.Tensor, signed: bool, block: int, offset: Any, key: Any,
                    q_out: torch.Tensor, scale_out: torch.Tensor, scratch: Scratch | None = None,
                    consume: bool = False) -> None:
@@ -156,6 +177,28 @@ def quantize_range(x: torch.Tensor, signed: bool, block: int, offset: Any, key: 
     top, lo, hi = (127.0, -127, 127) if signed else (255.0, 0, 255)
     scratch = Scratch() if scratch is None else scratch
     work = x if consume else scratch.get("quantize", n, torch.float32, x.device)
+    plan = _one_segment(n, block, offset, key) if scale_out.numel() == -(-n // block) else None
+    if plan is not None:  # the common case (a slice of whole blocks, one noise segment): fewest ops
+        shape, strides, at = plan
+        if len(shape) == 1:  # one block: no views at all
+            xv, sv = x, scale_out if scale_out.dim() == 1 else scale_out.view(1)
+        else:
+            xv, sv = x.view(shape), scale_out.view(shape[0], shape[1], 1)
+        dim = len(shape) - 1
+        if signed:
+            peak = torch.maximum(xv.amax(dim, keepdim=True), xv.amin(dim, keepdim=True).neg_(), out=sv)
+            peak.abs_().div_(127.0)
+        else:
+            torch.amax(xv, dim, keepdim=True, out=sv).clamp_min_(0).div_(255.0)
+            positive = torch.sign(x, out=scratch.get("positive", n, torch.float32, x.device))
+        noise = _table("uniform", x.device).as_strided(shape, strides, at)
+        torch.addcdiv(noise, xv, sv.clamp_min(_TINY), out=xv if consume else work.view(shape))
+        if signed:
+            q_out.copy_(work.floor_().clamp_(lo, hi))
+        else:
+            q16 = scratch.get("quantize16", n, torch.int16, x.device)
+            q_out.copy_(q16.copy_(torch.maximum(work, positive, out=work)).clamp_(lo, hi))
+        return
     fused = _PERIOD % block == 0  # noise segments start on block boundaries: x / scale + u in one op
     parts = [(0, full, full * block)] if full else []
     if n > full * block:
@@ -197,6 +240,8 @@ def dequantize_range(q: torch.Tensor, scale: torch.Tensor, block: int, out: torc
     n = q.numel()
     full = n // block
     out.copy_(q)
+    if not full and scale.numel() == 1:  # one short block (a small tensor): one op
+        return out.mul_(scale)
     if full:
         body = out if full * block == n else out[:full * block]
         body.view(full, block).mul_((scale if scale.numel() == full else scale[:full]).unsqueeze(1))

@@ -114,26 +114,36 @@ class LowPrecisionCodec:
     def unit(self, i: int) -> int:
         return 1 if self.scale is None else self.block
 
+    def _cut(self, i: int, cut: Any) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The codes of ``cut`` of tensor ``i`` (flat), their blocks' scales (``None`` for bf16/fp16),
+        and where the cut starts: as few view ops as possible (a whole tensor's scales are the
+        stored tensor itself)."""
+        q, scale = self.q[i], None if self.scale is None else self.scale[i]
+        if cut is None:
+            return (q if q.dim() == 1 else q.view(-1)), scale, 0
+        start, end = cut
+        if q.is_contiguous():  # one op instead of view + slice
+            q = q.as_strided((end - start,), (1,), q.storage_offset() + start)
+        else:
+            q = q.view(-1)[start:end]
+        return q, None if scale is None else scale[start // self.block:-(-end // self.block)], start
+
     def load(self, i: int, cut: Any, out: torch.Tensor) -> None:
-        start, end = (0, self.q[i].numel()) if cut is None else cut
-        q = self.q[i].view(-1)[start:end]
-        if self.scale is None:
+        q, scale, _ = self._cut(i, cut)
+        if scale is None:
             out.copy_(q)
         else:
-            dequantize_range(q, self.scale[i][start // self.block:], self.block, out)
+            dequantize_range(q, scale, self.block, out)
 
     def store(self, i: int, cut: Any, x: torch.Tensor) -> None:
-        start, end = (0, self.q[i].numel()) if cut is None else cut
-        q = self.q[i].view(-1)[start:end]
+        q, scale, start = self._cut(i, cut)
         offset = (0 if self.b.offsets is None else self.b.offsets[i]) + start
         key = self.host_key ^ tensor_key(self.b, i)
         dead = self._dead(x)
-        if self.scale is None:
+        if scale is None:
             round_into(q, x, offset, key, self.scratch, consume=dead)
         else:
-            blocks = self.scale[i][start // self.block:start // self.block + -(-(end - start) // self.block)]
-            quantize_range(x, self.q[i].dtype == torch.int8, self.block, offset, key, q, blocks, self.scratch,
-                           consume=dead)
+            quantize_range(x, q.dtype == torch.int8, self.block, offset, key, q, scale, self.scratch, consume=dead)
 
     def _dead(self, x: torch.Tensor) -> bool:
         """Whether ``x`` lies in one of :func:`run_sliced`'s chunk buffers (``state:*`` in this
