@@ -6,7 +6,6 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from . import checks, guard
-from .bucket import Bucket
 from .chain import Chain
 from .hparams import resolve_all
 from .compile import ScalarCache, layout_and_tensors, make_kernel, noise_key_tensors, tensor_scalars
@@ -14,8 +13,7 @@ from .numerics import noise_key
 from .barrier import run_barrier, run_barrier_lagged
 from . import distributed
 from .plan import (COMPILED_PART_GROUPS, Segment, Work, accumulation_transforms, build_plan, flat_view, pipelines,
-                   segment_body, separate_buffers, split_work,
-                   store_materialized)
+                   reduce_direction, segment_body, separate_buffers, split_work, store_materialized)
 from .tags import param_tags, route_tags, with_tags
 from .state import STATE_DTYPES, allocate_state, match_checkpoint, restore_saved_state, state_specs
 from .transform import HostView, StateSpec, Transform
@@ -395,9 +393,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             store_materialized(w, si, pieces, cut, out)
             values = out[2]
             if nxt is not None and nxt.additive_reduce and values is None:
-                b = Bucket(params, out[0], w.states, w.scalars, grads=grads if isinstance(out[1], str) else out[1])
-                b.enter(nxt.name, nxt.stage)
-                values = nxt.reduce(b)
+                values = reduce_direction(nxt, params, out[0], out[1], grads, w.states, w.scalars)
             if values is not None:
                 for (i, _, _), value in zip(pieces, values):
                     w.partials[i] = value if w.partials[i] is None else w.partials[i] + value

@@ -118,15 +118,20 @@ def segment_body(transforms: tuple[Transform, ...], params: list[torch.Tensor], 
     if not materialize:
         return None
     u, ref = b.u, (None if not b.frozen else "input" if b.grads is incoming else b.grads)
-    values = None
-    if reducer is not None:
-        rb = Bucket(params, u, states, scalars, grads=incoming if isinstance(ref, str) else ref)
-        rb.enter(reducer.name, reducer.stage)
-        values = reducer.reduce(rb)
+    values = None if reducer is None else reduce_direction(reducer, params, u, ref, incoming, states, scalars)
     if dest is not None:
         torch._foreach_copy_(dest, u)
         u = None
     return u, ref, values
+
+
+def reduce_direction(reducer: Transform, params: list[torch.Tensor], u: list[torch.Tensor], ref: Any,
+                     incoming: list[torch.Tensor], states: Any, scalars: Any) -> list[Any]:
+    """``reducer.reduce`` of a materialized direction ``u`` (with :func:`segment_body`'s
+    ``reference``: ``"input"`` means the incoming gradients ``incoming``)."""
+    b = Bucket(params, u, states, scalars, grads=incoming if isinstance(ref, str) else ref)
+    b.enter(reducer.name, reducer.stage)
+    return reducer.reduce(b)
 
 
 def _dense(x: torch.Tensor) -> bool:
